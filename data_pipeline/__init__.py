@@ -1,0 +1,1 @@
+"""Arrow shards, converters, the streaming reader, processing, packing and the synthetic dataset."""

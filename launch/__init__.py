@@ -1,0 +1,1 @@
+"""SLURM and local launch helpers."""

@@ -1,0 +1,1 @@
+"""Configs, DeepSpeed engines, stage recipes, the train loop, checkpoints, export, evaluation and inference."""
