@@ -1,0 +1,38 @@
+"""Preemption: SIGTERM / SIGUSR1 (SLURM sends one ahead of the time limit with --signal) request a clean stop.
+
+The loop finishes the current step, saves, and exits with PREEMPTED_EXIT_CODE, which the launch scripts turn into
+`scontrol requeue`. Every rank must stop at the same step, so `stop_requested()` reduces the flag over all ranks.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+PREEMPTED_EXIT_CODE = 75
+
+_requested = {"signal": None}
+
+
+def _handler(signum, _frame) -> None:
+    _requested["signal"] = signum
+
+
+def install_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _handler)
+
+
+def stop_requested() -> bool:
+    """True on every rank as soon as any rank received a stop signal."""
+    flag = torch.tensor([1 if _requested["signal"] is not None else 0], dtype=torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def received_signal() -> str | None:
+    sig = _requested["signal"]
+    return signal.Signals(sig).name if sig is not None else None
