@@ -26,7 +26,7 @@ from torch import nn
 
 from modeling.llm import DecoderLM, LLMConfig
 from modeling.projector import Projector, ProjectorConfig
-from modeling.tokenizer import TokenizerConfig, VQLoss, VQTokenizer
+from modeling.tokenizer import TokenizerConfig, TokenizerOutput, VQLoss, VQTokenizer
 
 
 @dataclass
@@ -54,12 +54,21 @@ class ETTModel(nn.Module):
         tokenizer_config: TokenizerConfig,
         projector_config: ProjectorConfig,
         ett_config: ETTConfig,
+        with_llm: bool = True,
+        with_tokenizer: bool = True,
     ) -> None:
+        """`with_llm=False` builds the tokenizer alone (stage 0); `with_tokenizer=False` the LLM alone (text
+        pretraining)."""
         super().__init__()
         self.config = ett_config
-        self.tokenizer = VQTokenizer(tokenizer_config)
-        self.vq_loss = VQLoss(tokenizer_config)
+        if with_tokenizer:
+            self.tokenizer = VQTokenizer(tokenizer_config)
+            self.vq_loss = VQLoss(tokenizer_config)
+        if not with_llm:
+            return
         self.llm = DecoderLM(llm_config)
+        if not with_tokenizer:
+            return
         hidden, code_dim, codes = llm_config.hidden_size, tokenizer_config.code_dim, tokenizer_config.codebook_size
         if ett_config.visual_input == "embedding":
             self.projector = Projector(projector_config, code_dim, hidden)
@@ -144,7 +153,7 @@ class ETTModel(nn.Module):
         """L_vq through the decoder for the quantised images (Eq. 1)."""
         quantized, indices, quant_losses, stats = parts
         reconstruction = self.tokenizer.decode(quantized)
-        output = self.tokenizer.make_output(reconstruction, indices, quantized, quant_losses, stats)
+        output = TokenizerOutput(reconstruction, indices, quantized, quant_losses, stats)
         total, named = self.vq_loss.generator_loss(images, output, discriminator, step)
         terms = {f"vq/{k}": v.detach() for k, v in named.items()}
         for key, value in stats.items():
@@ -164,7 +173,7 @@ class ETTModel(nn.Module):
         with torch.no_grad():
             targets = self.tokenizer.encode(batch["images"]).flatten()
         hidden = self.llm(
-            inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"], return_hidden=True
+            inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
         ).hidden_states
         selected = hidden[batch["image_loss_mask"]]
         if selected.shape[0] != targets.shape[0]:

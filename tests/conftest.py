@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -65,3 +66,67 @@ def subprocess_env() -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+class RankGroup:
+    """N `python -m training.train` processes started with RANK/WORLD_SIZE/MASTER_* env, as torchrun would.
+    Unlike torchrun, every worker is our direct child, so a test can kill -9 all of them."""
+
+    def __init__(self, procs, logs):
+        self.procs = procs
+        self.logs = logs
+
+    def wait(self, timeout: float = 600) -> list[int]:
+        return [p.wait(timeout=timeout) for p in self.procs]
+
+    def kill9(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+    def signal(self, sig) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def output(self) -> str:
+        return "\n".join(f"--- rank {i} ---\n{open(path).read()[-6000:]}" for i, path in enumerate(self.logs))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def launch_ranks(subprocess_env, tmp_path):
+    """launch_ranks(nproc, args) -> RankGroup running `python -m training.train args` on nproc ranks."""
+    groups = []
+
+    def _launch(nproc: int, args: list[str], env_extra: dict | None = None) -> RankGroup:
+        port = _free_port()
+        procs, logs = [], []
+        for rank in range(nproc):
+            env = dict(subprocess_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env.update(env_extra or {})
+            log_path = tmp_path / f"rank{rank}-{port}.log"
+            logs.append(log_path)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "training.train", *args],
+                    cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                )
+            )
+        group = RankGroup(procs, logs)
+        groups.append(group)
+        return group
+
+    yield _launch
+    for group in groups:
+        group.kill9()

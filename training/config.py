@@ -146,11 +146,18 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
     try:
         obj = cls(**kwargs)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{where or cls.__name__}: {exc}") from None
     return obj
 
 

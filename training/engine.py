@@ -224,3 +224,25 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     if bad:
         raise ConfigError(f"weights missing for {len(bad)} tensors, e.g. {bad[:5]}")
     return missing
+
+
+def gather_full_state_dict(model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Full fp32-or-native tensors of every parameter and persistent buffer, gathered module by module so that at
+    most one module is unsharded at a time. Every rank must call it; only rank 0 gets the tensors (others get {})."""
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    persistent = set(model.state_dict().keys())
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        params = list(module.named_parameters(recurse=False))
+        gathered = [p for _, p in params if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(gathered, enabled=bool(gathered)):
+            if rank == 0:
+                for name, param in params:
+                    out[prefix + name] = param.detach().to("cpu", copy=True)
+        if rank == 0:
+            for name, buffer in module.named_buffers(recurse=False):
+                if prefix + name in persistent:
+                    out[prefix + name] = buffer.detach().to("cpu", copy=True)
+    return out

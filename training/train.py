@@ -93,11 +93,12 @@ def main(argv=None) -> int:
 
 def run_stage(cfg: TrainConfig, resume: str) -> int:
     from training.data import build_train_loader
-    from training.engine import build_ds_config, build_engine, init_distributed, model_init_context
+    from training.engine import build_ds_config, build_engine, init_distributed, model_init_context, zero_stage
     from training.stages import (
-        build_discriminator_step,
+        build_discriminator,
         build_model,
         load_initial_weights,
+        register_zero3_external_parameters,
         stage_model_inputs,
         write_handoff,
     )
@@ -129,9 +130,11 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
     seed_all(cfg.train.seed)
     with model_init_context(ds_config):
         model = build_model(cfg)
+    if zero_stage(ds_config) == 3:
+        register_zero3_external_parameters(model)
     if point is None:
         load_initial_weights(model, cfg)
-    disc_step = build_discriminator_step(cfg, model)
+    disc_state = build_discriminator(cfg, model)
     engine, _, scheduler = build_engine(model, cfg, ds_config)
     loader = build_train_loader(cfg, rank, world_size)
 
@@ -144,8 +147,8 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         loader.load_state_dict(rank_state["data"] if rank_state else state["data"], world_changed=world_changed)
         if rank_state is not None:
             ckpt.restore_rng_state(rank_state["rng"])
-        if disc_step is not None:
-            disc_step.load(point.path)
+        if disc_state is not None:
+            disc_state.load(point.path)
         log.info(f"resumed from {point.path} at step {step} ({consumed_samples} samples)")
 
     manager = ckpt.CheckpointManager(ckpt_root, rank, world_size, keep_last=cfg.checkpoint.keep_last)
@@ -173,7 +176,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             "config": to_dict(cfg),
         }
         rank_state = {"rng": ckpt.capture_rng_state(), "data": loader.state_dict()}
-        path = manager.save(engine, at_step, trainer_state, rank_state, rank0_extra=disc_step.save if disc_step else None)
+        path = manager.save(engine, at_step, trainer_state, rank_state, rank0_extra=disc_state.save if disc_state else None)
         log.info(f"saved checkpoint {path}")
 
     engine.train()
@@ -183,7 +186,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         for micro in range(accum):
             batch = next(loader)
             inputs = stage_model_inputs(batch, kind)
-            disc = disc_step.discriminator if disc_step is not None else None
+            disc = disc_state.discriminator if disc_state is not None else None
             if flops_per_step is None:
                 from training.flops import count_forward_flops
 
@@ -192,8 +195,8 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             else:
                 out = engine(inputs, kind=kind, discriminator=disc, step=step)
             engine.backward(out.loss)
-            if disc_step is not None and out.reconstruction is not None:
-                for key, value in disc_step.step(inputs["images"], out.reconstruction, step).items():
+            if disc_state is not None and disc_state.update is not None and out.reconstruction is not None:
+                for key, value in disc_state.update.step(inputs["images"], out.reconstruction, step).items():
                     step_terms[key] = step_terms.get(key, 0.0) + float(value) / accum
             engine.step()
             step_terms["loss/total"] = step_terms.get("loss/total", 0.0) + float(out.loss.detach()) / accum
@@ -264,7 +267,10 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
     else:
         save(step)
         provenance = {"stage": cfg.stage.name, "kind": kind, "step": step, "consumed_samples": consumed_samples}
-        write_handoff(engine.module, cfg, run_dir / "final", provenance, rank)
+        write_handoff(
+            engine.module, cfg, run_dir / "final", provenance, rank,
+            discriminator=disc_state.discriminator if disc_state is not None else None,
+        )
         if rank == 0:
             (run_dir / "DONE").write_text(json.dumps(provenance))
     run_log.close()
