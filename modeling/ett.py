@@ -17,8 +17,8 @@ Every loss term is returned separately (detached) for logging.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,13 @@ class ETTConfig:
     visual_head: bool = False
 
 
-@dataclass
-class ETTOutput:
+class ETTOutput(NamedTuple):
+    """The total loss, every term (detached, for logging), the detached reconstruction when L_vq ran (for the
+    discriminator update), and caption token accuracy counts. A NamedTuple so that DeepSpeed ZeRO-3 sees its
+    tensors."""
+
     loss: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    terms: dict[str, torch.Tensor]
     reconstruction: torch.Tensor | None = None
     token_correct: torch.Tensor | None = None
     token_count: torch.Tensor | None = None
@@ -69,7 +72,11 @@ class ETTModel(nn.Module):
         self.llm = DecoderLM(llm_config)
         if not with_tokenizer:
             return
-        hidden, code_dim, codes = llm_config.hidden_size, tokenizer_config.code_dim, tokenizer_config.codebook_size
+        hidden, code_dim, codes = (
+            llm_config.hidden_size,
+            tokenizer_config.code_dim,
+            tokenizer_config.codebook_size,
+        )
         if ett_config.visual_input == "embedding":
             self.projector = Projector(projector_config, code_dim, hidden)
         else:
@@ -111,11 +118,17 @@ class ETTModel(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     # ---- objectives --------------------------------------------------------------------------------------------
-    def forward(self, batch: dict, kind: str = "ett", discriminator: nn.Module | None = None, step: int = 0) -> ETTOutput:
+    def forward(
+        self, batch: dict, kind: str = "ett", discriminator: nn.Module | None = None, step: int = 0
+    ) -> ETTOutput:
         if kind == "tokenizer":
             return self._tokenizer_objective(batch["images"], discriminator, step)
         if kind == "llm_pretrain":
-            hidden = self.llm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+            hidden = self.llm(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                segment_ids=batch["segment_ids"],
+            )
             return self._text_objective(hidden.logits, batch["labels"], {})
         train_tok = self.config.train_tokenizer and kind == "ett"
         with_vq = train_tok and self.config.alpha > 0
@@ -124,18 +137,19 @@ class ETTModel(nn.Module):
         embeds = self.input_embeddings(batch["input_ids"], batch["image_mask"], image_embeds)
         if kind == "t2i":
             return self._t2i_objective(embeds, batch)
-        out = self.llm(inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        out = self.llm(
+            inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
+        )
         terms: dict[str, torch.Tensor] = {}
         extra = None
         recon = None
         if with_vq and parts is not None:
             extra, terms, recon = self._vq_terms(batch["images"], parts, discriminator, step)
         result = self._text_objective(out.logits, batch["labels"], terms)
-        if extra is not None:
-            result.loss = result.loss + self.config.alpha * extra
-            result.terms["loss/vq"] = extra.detach()
-        result.reconstruction = recon
-        return result
+        if extra is None:
+            return result
+        result.terms["loss/vq"] = extra.detach()
+        return result._replace(loss=result.loss + self.config.alpha * extra, reconstruction=recon)
 
     def _text_objective(self, logits, labels, terms) -> ETTOutput:
         """Caption / LM loss, Eq. 2: mean CE over positions whose label is not -100."""
@@ -143,7 +157,9 @@ class ETTModel(nn.Module):
         flat_labels = labels.reshape(-1)
         valid = flat_labels != -100
         count = valid.sum()
-        loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / count.clamp(min=1)
+        loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / count.clamp(
+            min=1
+        )
         with torch.no_grad():
             correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
         terms = {"loss/caption": loss.detach(), **terms}
@@ -177,11 +193,16 @@ class ETTModel(nn.Module):
         ).hidden_states
         selected = hidden[batch["image_loss_mask"]]
         if selected.shape[0] != targets.shape[0]:
-            raise ValueError(f"image_loss_mask selects {selected.shape[0]} positions for {targets.shape[0]} image codes")
+            raise ValueError(
+                f"image_loss_mask selects {selected.shape[0]} positions for {targets.shape[0]} image codes"
+            )
         logits = self.visual_head(selected).float()
         loss = F.cross_entropy(logits, targets)
         with torch.no_grad():
             correct = (logits.argmax(-1) == targets).sum()
         return ETTOutput(
-            loss=loss, terms={"loss/t2i": loss.detach()}, token_correct=correct, token_count=torch.tensor(targets.numel())
+            loss=loss,
+            terms={"loss/t2i": loss.detach()},
+            token_correct=correct,
+            token_count=torch.tensor(targets.numel()),
         )

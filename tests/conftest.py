@@ -37,7 +37,9 @@ def pytest_collection_modifyitems(config, items):
             if has_slurm is None:
                 has_slurm = _slurm_available()
             if not has_slurm:
-                item.add_marker(pytest.mark.skip(reason="needs the local SLURM cluster (launch/ci/local_slurm.sh start)"))
+                item.add_marker(
+                    pytest.mark.skip(reason="needs the local SLURM cluster (launch/ci/local_slurm.sh start)")
+                )
 
 
 @pytest.fixture
@@ -112,15 +114,25 @@ def launch_ranks(subprocess_env, tmp_path):
         port = _free_port()
         procs, logs = [], []
         for rank in range(nproc):
-            env = dict(subprocess_env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env = dict(
+                subprocess_env,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
             env.update(env_extra or {})
             log_path = tmp_path / f"rank{rank}-{port}.log"
             logs.append(log_path)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "training.train", *args],
-                    cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=open(log_path, "w"),
+                    stderr=subprocess.STDOUT,
                 )
             )
         group = RankGroup(procs, logs)

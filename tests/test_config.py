@@ -39,7 +39,9 @@ def _write(tmp_path, text):
 
 
 def test_yaml_and_overrides_resolve(tmp_path):
-    path = _write(tmp_path, "name: demo\noptim:\n  lr: 3e-4\n  betas: [0.5, 0.9]\nmodel:\n  channel_mult: [1, 1, 2]\n")
+    path = _write(
+        tmp_path, "name: demo\noptim:\n  lr: 3e-4\n  betas: [0.5, 0.9]\nmodel:\n  channel_mult: [1, 1, 2]\n"
+    )
     cfg = load_config(RootConfig, path, ["optim.lr=1e-4", "model.quantizer=vq", "bf16=true", "seed=7"])
     assert cfg.name == "demo"
     assert cfg.optim.lr == pytest.approx(1e-4)

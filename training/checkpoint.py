@@ -6,7 +6,7 @@ Layout of `CKPT_ROOT` (one per stage, under the run directory):
     step00000040/               one complete checkpoint
         zero_pp_rank_*_model_states.pt, *_optim_states.pt    DeepSpeed (model, optimizer, scheduler)
         trainer_state.json      step, consumed samples/tokens, stage, config fingerprint, world size
-        rank_00000.json         per-rank state: RNG (python, numpy, torch CPU, CUDA), data reader state
+        rank_00000.json         per-rank RNG state (python, numpy, torch CPU, CUDA)
         COMPLETE                completion marker: written only after every rank finished writing
     tmp-step00000050/           a save in progress (or a crashed one): never loaded, reported, removed
     zero_to_fp32.py             DeepSpeed's consolidation script (works on every tag directory)
@@ -67,7 +67,9 @@ def capture_rng_state() -> dict:
         "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
     }
     if torch.cuda.is_available():
-        state["torch_cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+        state["torch_cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
     return state
 
 
@@ -78,7 +80,9 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
     if "torch_cuda" in state and torch.cuda.is_available():
-        cuda_states = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["torch_cuda"]]
+        cuda_states = [
+            torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["torch_cuda"]
+        ]
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
 
 
@@ -118,10 +122,13 @@ def report_incomplete(root: Path) -> list[str]:
     bad = [
         p.name
         for p in root.iterdir()
-        if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (p.name.startswith(TAG_PREFIX) and not is_complete(p)))
+        if p.is_dir()
+        and (p.name.startswith(TMP_PREFIX) or (p.name.startswith(TAG_PREFIX) and not is_complete(p)))
     ]
     if bad:
-        get_logger().warning(f"ignoring incomplete checkpoint directories in {root} (no {COMPLETE_MARKER} marker): {bad}")
+        get_logger().warning(
+            f"ignoring incomplete checkpoint directories in {root} (no {COMPLETE_MARKER} marker): {bad}"
+        )
     return bad
 
 
@@ -178,7 +185,9 @@ class CheckpointManager:
             if tmp_dir.exists():
                 shutil.rmtree(tmp_dir)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"ett_step": step}, save_latest=False)
+        engine.save_checkpoint(
+            str(self.root), tag=tmp_tag, client_state={"ett_step": step}, save_latest=False
+        )
         (tmp_dir / f"rank_{self.rank:05d}.json").write_text(json.dumps(rank_state))
         _barrier()
         final_dir = self.root / tag

@@ -231,7 +231,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+            )
     data = apply_overrides(cls, data, list(overrides))
     try:
         return from_dict(cls, data)

@@ -137,10 +137,19 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for (index, no_decay), params in sorted(buckets.items(), key=lambda kv: kv[0]):
         spec = specs[index] if index < len(specs) else None
         lr = spec.lr if spec is not None and spec.lr is not None else cfg.optim.lr
-        wd = spec.weight_decay if spec is not None and spec.weight_decay is not None else cfg.optim.weight_decay
+        wd = (
+            spec.weight_decay
+            if spec is not None and spec.weight_decay is not None
+            else cfg.optim.weight_decay
+        )
         label = spec.prefix if spec is not None else "default"
         groups.append(
-            {"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else wd, "name": f"{label}{'/no_decay' if no_decay else ''}"}
+            {
+                "params": params,
+                "lr": lr,
+                "weight_decay": 0.0 if no_decay else wd,
+                "name": f"{label}{'/no_decay' if no_decay else ''}",
+            }
         )
     if not groups:
         raise ConfigError(f"stage.kind={cfg.stage.kind}: the model has no trainable parameters")
@@ -195,7 +204,9 @@ def model_init_context(ds_config: dict):
     return contextlib.nullcontext()
 
 
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict_prefixes: tuple[str, ...] = ()) -> list[str]:
+def load_full_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict_prefixes: tuple[str, ...] = ()
+) -> list[str]:
     """Copy full (unsharded) tensors into `model`, which may be partitioned by zero.Init. Must run on every rank,
     before deepspeed.initialize (writes through GatheredParameters are lost after it, feasibility_cpu.md §1).
     Returns the names of model parameters/buffers that the state dict did not provide."""
@@ -217,7 +228,9 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
                     continue
                 source = state_dict[key]
                 if tuple(source.shape) != tuple(tensor.shape):
-                    raise ConfigError(f"weight '{key}': shape {tuple(source.shape)} in the file, {tuple(tensor.shape)} in the model")
+                    raise ConfigError(
+                        f"weight '{key}': shape {tuple(source.shape)} in the file, {tuple(tensor.shape)} in the model"
+                    )
                 with torch.no_grad():
                     tensor.copy_(source.to(tensor.dtype))
     bad = [m for m in missing if m.startswith(strict_prefixes)] if strict_prefixes else []

@@ -46,7 +46,11 @@ def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
 
 def _save_simple(out: Path, name: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
     out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (out / "config.json").write_text(json.dumps({"component": name, **config}, indent=1))
 
 
@@ -90,11 +94,19 @@ def write_export(
             tokenizer.save_pretrained(tmp / "vision_tokenizer")
             components.append("vision_tokenizer")
         simple_configs = {
-            "projector": {"depth": cfg.model.projector.depth, "code_dim": cfg.model.tokenizer.code_dim,
-                          "hidden_size": cfg.model.llm.hidden_size},
-            "visual_head": {"hidden_size": cfg.model.llm.hidden_size, "codebook_size": cfg.model.tokenizer.codebook_size},
-            "index_embedding": {"hidden_size": cfg.model.llm.hidden_size,
-                                "codebook_size": cfg.model.tokenizer.codebook_size},
+            "projector": {
+                "depth": cfg.model.projector.depth,
+                "code_dim": cfg.model.tokenizer.code_dim,
+                "hidden_size": cfg.model.llm.hidden_size,
+            },
+            "visual_head": {
+                "hidden_size": cfg.model.llm.hidden_size,
+                "codebook_size": cfg.model.tokenizer.codebook_size,
+            },
+            "index_embedding": {
+                "hidden_size": cfg.model.llm.hidden_size,
+                "codebook_size": cfg.model.tokenizer.codebook_size,
+            },
         }
         for name in SIMPLE_COMPONENTS:
             if name in parts:
@@ -104,7 +116,13 @@ def write_export(
         if discriminator_state:
             _save_simple(tmp / "discriminator", "discriminator", discriminator_state, {})
             components.append("discriminator")
-        manifest = {"format": "ett-export", "version": 1, "components": components, **provenance, "config": to_dict(cfg)}
+        manifest = {
+            "format": "ett-export",
+            "version": 1,
+            "components": components,
+            **provenance,
+            "config": to_dict(cfg),
+        }
         (tmp / EXPORT_CONFIG).write_text(json.dumps(manifest, indent=1))
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
@@ -131,7 +149,9 @@ def load_handoff_state_dict(export_dir: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for component in manifest["components"]:
         if component == "llm":
-            state.update({f"llm.{k}": v for k, v in load_component_state_dict(export_dir / "llm", "llm").items()})
+            state.update(
+                {f"llm.{k}": v for k, v in load_component_state_dict(export_dir / "llm", "llm").items()}
+            )
         elif component == "vision_tokenizer":
             tok = load_component_state_dict(export_dir / "vision_tokenizer", "tokenizer")
             state.update({f"tokenizer.{k}": v for k, v in tok.items()})
@@ -217,12 +237,20 @@ def check_against_config(state: dict[str, torch.Tensor], cfg) -> None:
     kind = cfg.stage.kind
     with torch.device("meta"):
         model = ETTModel(
-            cfg.model.llm, cfg.model.tokenizer, cfg.model.projector, cfg.model.ett,
-            with_llm=kind != "tokenizer", with_tokenizer=kind != "llm_pretrain",
+            cfg.model.llm,
+            cfg.model.tokenizer,
+            cfg.model.projector,
+            cfg.model.ett,
+            with_llm=kind != "tokenizer",
+            with_tokenizer=kind != "llm_pretrain",
         )
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("vq_loss.")}
     missing = sorted(k for k in expected if k not in state)
-    wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}" for k in expected if k in state and tuple(state[k].shape) != expected[k])
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    )
     if missing or wrong:
         raise ExportError(
             "checkpoint does not match its model configuration: "
@@ -231,7 +259,9 @@ def check_against_config(state: dict[str, torch.Tensor], cfg) -> None:
         )
 
 
-def export_checkpoint(checkpoint, out_dir, tag=None, dtype: str = "fp32", max_shard_size: str = "5GB") -> Path:
+def export_checkpoint(
+    checkpoint, out_dir, tag=None, dtype: str = "fp32", max_shard_size: str = "5GB"
+) -> Path:
     from training.config import from_dict
     from training.run_config import TrainConfig
 
@@ -240,10 +270,22 @@ def export_checkpoint(checkpoint, out_dir, tag=None, dtype: str = "fp32", max_sh
     check_against_config(state, cfg)
     disc_path = tag_dir / "discriminator.safetensors"
     disc = load_file(str(disc_path)) if disc_path.is_file() else None
-    provenance = {k: trainer_state[k] for k in ("stage", "kind", "step", "consumed_samples", "consumed_tokens") if k in trainer_state}
+    provenance = {
+        k: trainer_state[k]
+        for k in ("stage", "kind", "step", "consumed_samples", "consumed_tokens")
+        if k in trainer_state
+    }
     provenance["checkpoint"] = str(tag_dir)
     torch_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
-    return write_export(state, cfg, out_dir, provenance, dtype=torch_dtype, max_shard_size=max_shard_size, discriminator_state=disc)
+    return write_export(
+        state,
+        cfg,
+        out_dir,
+        provenance,
+        dtype=torch_dtype,
+        max_shard_size=max_shard_size,
+        discriminator_state=disc,
+    )
 
 
 def main(argv=None) -> int:
@@ -252,7 +294,9 @@ def main(argv=None) -> int:
         description="Export a ZeRO-3 checkpoint (any world size) to a Hugging Face LLM directory plus the vision "
         "tokenizer, projector and visual head (safetensors + JSON).",
     )
-    parser.add_argument("--checkpoint", required=True, help="a stage's checkpoints/ directory or one tag directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="a stage's checkpoints/ directory or one tag directory"
+    )
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

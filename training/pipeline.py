@@ -65,7 +65,9 @@ def load_recipe(path: str | Path) -> dict:
     recipe = yaml.safe_load(path.read_text()) or {}
     unknown = set(recipe) - {"output_dir", "nproc", "defaults", "steps", "description"}
     if unknown:
-        raise ConfigError(f"{path}: unknown recipe keys {sorted(unknown)}; expected output_dir, nproc, defaults, steps")
+        raise ConfigError(
+            f"{path}: unknown recipe keys {sorted(unknown)}; expected output_dir, nproc, defaults, steps"
+        )
     names = set()
     for index, step in enumerate(recipe.get("steps", [])):
         if "name" not in step or step.get("run") not in STEP_KINDS:
@@ -80,12 +82,24 @@ def stage_command(config_path: Path, nproc: int) -> list[str]:
     if nproc <= 1:
         return [sys.executable, "-m", "training.train", "--config", str(config_path), "--resume", "auto"]
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "-m", "training.train", "--config", str(config_path), "--resume", "auto",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "training.train",
+        "--config",
+        str(config_path),
+        "--resume",
+        "auto",
     ]
 
 
-def run_recipe(recipe_path: str | Path, only: list[str] | None = None, nproc: int | None = None, overrides=()) -> Path:
+def run_recipe(
+    recipe_path: str | Path, only: list[str] | None = None, nproc: int | None = None, overrides=()
+) -> Path:
     log = get_logger()
     recipe = load_recipe(recipe_path)
     output_dir = Path(recipe.get("output_dir", "runs/" + Path(recipe_path).stem))
@@ -115,9 +129,10 @@ def run_recipe(recipe_path: str | Path, only: list[str] | None = None, nproc: in
             command = stage_command(config_path, nproc) + list(overrides)
         else:
             args = resolve_refs(step.get("args", {}), output_dir)
-            module = {"synthetic": "data_pipeline.synthetic", "text_tokenizer": "data_pipeline.text_tokenizer"}.get(
-                step["run"], args.pop("module", None)
-            )
+            module = {
+                "synthetic": "data_pipeline.synthetic",
+                "text_tokenizer": "data_pipeline.text_tokenizer",
+            }.get(step["run"], args.pop("module", None))
             command = [sys.executable, "-m", module] + [
                 item for key, value in args.items() for item in (f"--{key.replace('_', '-')}", str(value))
             ]
@@ -134,7 +149,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="recipe YAML (see training/recipes/)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these steps")
-    parser.add_argument("--nproc", type=int, default=None, help="processes per training stage (default: recipe nproc)")
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="processes per training stage (default: recipe nproc)"
+    )
     parser.add_argument("overrides", nargs="*", help="overrides applied to every training stage")
     args = parser.parse_args(argv)
     try:

@@ -155,7 +155,9 @@ class TrainConfig:
             )
         if self.schedule.max_steps <= 0:
             raise ConfigError(f"schedule.max_steps must be > 0, got {self.schedule.max_steps}")
-        if kind in ("align", "ett", "chat_sft", "t2i") and not (self.stage.init_from or self.stage.init_llm_from):
+        if kind in ("align", "ett", "chat_sft", "t2i") and not (
+            self.stage.init_from or self.stage.init_llm_from
+        ):
             raise ConfigError(
                 f"stage.kind={kind} starts from a previous stage's weights: set stage.init_from (a hand-off "
                 "directory) or stage.init_llm_from"
@@ -168,10 +170,11 @@ class TrainConfig:
                     "(run that stage first, or fix the path)"
                 )
         if not self.data.train:
-            raise ConfigError("data.train is empty: list at least one dataset directory (data.train: [{path: DIR}])")
+            raise ConfigError(
+                "data.train is empty: list at least one dataset directory (data.train: [{path: DIR}])"
+            )
 
     def fingerprint(self) -> str:
         """Hash of the options that must not change across a resume (model shapes and stage)."""
         payload = {"stage": self.stage.kind, "model": to_dict(self.model)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-

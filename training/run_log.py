@@ -27,7 +27,9 @@ def get_logger(rank: int = 0) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"[%(asctime)s rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+        )
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -61,20 +63,28 @@ class RunLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         if progress:
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, file=sys.stderr
+            )
 
     def metrics(self, step: int, values: dict[str, float], postfix: bool = True) -> None:
         """Record scalar metrics for `step` in JSONL and TensorBoard; show the main ones on the progress bar."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items()}
-        record = {"step": step, "time": time.time(), **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        record = {
+            "step": step,
+            "time": time.time(),
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()},
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in clean.items():
                 self._tb.add_scalar(key, value, step)
         if self._bar is not None and postfix:
-            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items() if k.startswith("loss") or k == "lr"}
+            shown = {
+                k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items() if k.startswith("loss") or k == "lr"
+            }
             self._bar.set_postfix(shown, refresh=False)
 
     def image(self, tag: str, step: int, image_chw) -> None:

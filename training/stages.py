@@ -78,10 +78,15 @@ def load_initial_weights(model: ETTModel, cfg: TrainConfig) -> None:
     if cfg.stage.init_from:
         state.update(load_handoff_state_dict(cfg.stage.init_from))
     if cfg.stage.init_llm_from:
-        state.update({f"llm.{k}": v for k, v in load_component_state_dict(cfg.stage.init_llm_from, "llm").items()})
+        state.update(
+            {f"llm.{k}": v for k, v in load_component_state_dict(cfg.stage.init_llm_from, "llm").items()}
+        )
     if cfg.stage.init_tokenizer_from:
         state.update(
-            {f"tokenizer.{k}": v for k, v in load_component_state_dict(cfg.stage.init_tokenizer_from, "tokenizer").items()}
+            {
+                f"tokenizer.{k}": v
+                for k, v in load_component_state_dict(cfg.stage.init_tokenizer_from, "tokenizer").items()
+            }
         )
     if not state:
         return
@@ -116,7 +121,10 @@ class ReplicatedDiscriminator:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        save_file({k: v.contiguous() for k, v in self.discriminator.state_dict().items()}, str(directory / self.WEIGHTS))
+        save_file(
+            {k: v.contiguous() for k, v in self.discriminator.state_dict().items()},
+            str(directory / self.WEIGHTS),
+        )
         if self.update is not None:
             torch.save(self.update.optimizer.state_dict(), directory / self.OPTIMIZER)
 
@@ -137,7 +145,9 @@ def build_discriminator(cfg: TrainConfig, model: ETTModel) -> ReplicatedDiscrimi
     from training.gan_step import DiscriminatorStep
 
     kind, loss_cfg = cfg.stage.kind, cfg.model.tokenizer.loss
-    trains_tokenizer = kind == "tokenizer" or (kind == "ett" and cfg.model.ett.train_tokenizer and cfg.model.ett.alpha > 0)
+    trains_tokenizer = kind == "tokenizer" or (
+        kind == "ett" and cfg.model.ett.train_tokenizer and cfg.model.ett.alpha > 0
+    )
     if not trains_tokenizer or loss_cfg.gan_weight <= 0:
         return None
     torch.manual_seed(cfg.train.seed + 1)
@@ -162,16 +172,25 @@ def stage_model_inputs(batch: dict, kind: str) -> dict:
     keys = {
         "tokenizer": ("images",),
         "llm_pretrain": ("input_ids", "labels", "position_ids", "segment_ids"),
-    }.get(kind, ("input_ids", "labels", "position_ids", "segment_ids", "images", "image_mask", "image_loss_mask"))
+    }.get(
+        kind,
+        ("input_ids", "labels", "position_ids", "segment_ids", "images", "image_mask", "image_loss_mask"),
+    )
     return {k: batch[k] for k in keys if k in batch}
 
 
-def write_handoff(model: ETTModel, cfg: TrainConfig, out_dir, provenance: dict, rank: int, discriminator=None) -> None:
+def write_handoff(
+    model: ETTModel, cfg: TrainConfig, out_dir, provenance: dict, rank: int, discriminator=None
+) -> None:
     """Gather the full weights (every rank takes part) and write the export layout on rank 0."""
     from training.engine import gather_full_state_dict
     from training.export import write_export
 
     state = gather_full_state_dict(model, rank)
     if rank == 0:
-        disc_state = {k: v.detach().cpu() for k, v in discriminator.state_dict().items()} if discriminator is not None else None
+        disc_state = (
+            {k: v.detach().cpu() for k, v in discriminator.state_dict().items()}
+            if discriminator is not None
+            else None
+        )
         write_export(state, cfg, out_dir, provenance, discriminator_state=disc_state)

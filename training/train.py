@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "PATH: a checkpoint directory; none: start fresh",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 train.micro_batch_size=2")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-4 train.micro_batch_size=2"
+    )
     return parser.parse_args(argv)
 
 
@@ -93,7 +95,13 @@ def main(argv=None) -> int:
 
 def run_stage(cfg: TrainConfig, resume: str) -> int:
     from training.data import build_train_loader
-    from training.engine import build_ds_config, build_engine, init_distributed, model_init_context, zero_stage
+    from training.engine import (
+        build_ds_config,
+        build_engine,
+        init_distributed,
+        model_init_context,
+        zero_stage,
+    )
     from training.stages import (
         build_discriminator,
         build_model,
@@ -142,9 +150,13 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
     if point is not None:
         engine.load_checkpoint(str(point.root), tag=load_tag, load_module_strict=True)
         state = point.trainer_state
-        step, consumed_samples, consumed_tokens = state["step"], state["consumed_samples"], state["consumed_tokens"]
+        step, consumed_samples, consumed_tokens = (
+            state["step"],
+            state["consumed_samples"],
+            state["consumed_tokens"],
+        )
+        loader.load_state_dict(state["data"])
         rank_state = point.rank_state(rank) if not world_changed else None
-        loader.load_state_dict(rank_state["data"] if rank_state else state["data"], world_changed=world_changed)
         if rank_state is not None:
             ckpt.restore_rng_state(rank_state["rng"])
         if disc_state is not None:
@@ -153,7 +165,11 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
 
     manager = ckpt.CheckpointManager(ckpt_root, rank, world_size, keep_last=cfg.checkpoint.keep_last)
     run_log = RunLogger(
-        run_dir, rank=rank, total_steps=cfg.schedule.max_steps, initial_step=step, desc=cfg.stage.name,
+        run_dir,
+        rank=rank,
+        total_steps=cfg.schedule.max_steps,
+        initial_step=step,
+        desc=cfg.stage.name,
         progress=cfg.train.progress,
     )
     accum = engine.gradient_accumulation_steps()
@@ -165,6 +181,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
     kind = cfg.stage.kind
 
     def save(at_step: int) -> None:
+        data_state = loader.state_dict()
         trainer_state = {
             "step": at_step,
             "consumed_samples": consumed_samples,
@@ -172,18 +189,20 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             "stage": cfg.stage.name,
             "kind": kind,
             "fingerprint": cfg.fingerprint(),
-            "data": loader.state_dict(),
+            "data": data_state,
             "config": to_dict(cfg),
         }
-        rank_state = {"rng": ckpt.capture_rng_state(), "data": loader.state_dict()}
-        path = manager.save(engine, at_step, trainer_state, rank_state, rank0_extra=disc_state.save if disc_state else None)
+        rank_state = {"rng": ckpt.capture_rng_state()}
+        path = manager.save(
+            engine, at_step, trainer_state, rank_state, rank0_extra=disc_state.save if disc_state else None
+        )
         log.info(f"saved checkpoint {path}")
 
     engine.train()
     while step < cfg.schedule.max_steps:
         step_terms: dict[str, float] = {}
         step_samples = step_tokens = 0
-        for micro in range(accum):
+        for _ in range(accum):
             batch = next(loader)
             inputs = stage_model_inputs(batch, kind)
             disc = disc_state.discriminator if disc_state is not None else None
@@ -203,7 +222,10 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             for key, value in out.terms.items():
                 step_terms[key] = step_terms.get(key, 0.0) + float(value) / accum
             if out.token_count is not None and int(out.token_count) > 0:
-                step_terms["acc/token"] = step_terms.get("acc/token", 0.0) + float(out.token_correct) / float(out.token_count) / accum
+                step_terms["acc/token"] = (
+                    step_terms.get("acc/token", 0.0)
+                    + float(out.token_correct) / float(out.token_count) / accum
+                )
             step_samples += int(batch.get("num_samples", 0))
             step_tokens += int(batch.get("num_tokens", 0))
         step += 1
@@ -213,14 +235,18 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         consumed_samples += int(totals[0])
         consumed_tokens += int(totals[1])
         grad_norm = engine.get_global_grad_norm()
-        finite = math.isfinite(step_terms["loss/total"]) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        finite = math.isfinite(step_terms["loss/total"]) and (
+            grad_norm is None or math.isfinite(float(grad_norm))
+        )
         finite_all = torch.tensor([0 if finite else 1], dtype=torch.int32)
         if world_size > 1:
             dist.all_reduce(finite_all, op=dist.ReduceOp.MAX)
         if int(finite_all):
             nonfinite_streak += 1
             bad_terms = [k for k, v in step_terms.items() if not math.isfinite(v)] or ["gradient norm"]
-            log.warning(f"step {step}: non-finite {bad_terms}; the update was skipped ({nonfinite_streak} in a row)")
+            log.warning(
+                f"step {step}: non-finite {bad_terms}; the update was skipped ({nonfinite_streak} in a row)"
+            )
             run_log.metrics(step, {"skipped/nonfinite": 1.0}, postfix=False)
             if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteError(
@@ -258,17 +284,32 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             evaluate_during_training(engine.module, cfg, step, run_log, rank, world_size)
             engine.train()
         if preemption.stop_requested():
-            log.warning(f"received {preemption.received_signal() or 'a stop signal'}: saving at step {step} and exiting")
+            log.warning(
+                f"received {preemption.received_signal() or 'a stop signal'}: saving at step {step} and exiting"
+            )
             save(step)
             exit_code = preemption.PREEMPTED_EXIT_CODE
             break
-        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.schedule.max_steps:
+        if (
+            cfg.checkpoint.save_every
+            and step % cfg.checkpoint.save_every == 0
+            and step < cfg.schedule.max_steps
+        ):
             save(step)
     else:
         save(step)
-        provenance = {"stage": cfg.stage.name, "kind": kind, "step": step, "consumed_samples": consumed_samples}
+        provenance = {
+            "stage": cfg.stage.name,
+            "kind": kind,
+            "step": step,
+            "consumed_samples": consumed_samples,
+        }
         write_handoff(
-            engine.module, cfg, run_dir / "final", provenance, rank,
+            engine.module,
+            cfg,
+            run_dir / "final",
+            provenance,
+            rank,
             discriminator=disc_state.discriminator if disc_state is not None else None,
         )
         if rank == 0:
