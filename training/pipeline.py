@@ -78,9 +78,9 @@ def load_recipe(path: str | Path) -> dict:
     return recipe
 
 
-def stage_command(config_path: Path, nproc: int) -> list[str]:
+def stage_command(config_path: Path, nproc: int, resume: str = "auto") -> list[str]:
     if nproc <= 1:
-        return [sys.executable, "-m", "training.train", "--config", str(config_path), "--resume", "auto"]
+        return [sys.executable, "-m", "training.train", "--config", str(config_path), "--resume", resume]
     return [
         sys.executable,
         "-m",
@@ -98,7 +98,7 @@ def stage_command(config_path: Path, nproc: int) -> list[str]:
 
 
 def run_recipe(
-    recipe_path: str | Path, only: list[str] | None = None, nproc: int | None = None, overrides=()
+    recipe_path: str | Path, only: list[str] | None = None, nproc: int | None = None, overrides=(), resume: str = "auto"
 ) -> Path:
     log = get_logger()
     recipe = load_recipe(recipe_path)
@@ -114,7 +114,7 @@ def run_recipe(
         if only and name not in only:
             continue
         step_dir = output_dir / name
-        if (step_dir / "DONE").exists():
+        if resume == "auto" and (step_dir / "DONE").exists():
             log.info(f"[{name}] already complete, skipping")
             continue
         step_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def run_recipe(
             config_path = step_dir / "stage.yaml"
             config_path.write_text(yaml.safe_dump(stage, sort_keys=False))
             load_config(TrainConfig, config_path, list(overrides))
-            command = stage_command(config_path, nproc) + list(overrides)
+            command = stage_command(config_path, nproc, resume) + list(overrides)
         else:
             args = resolve_refs(step.get("args", {}), output_dir)
             module = {
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="overrides applied to every training stage")
     args = parser.parse_args(argv)
     try:
-        run_recipe(args.config, args.only, args.nproc, args.overrides)
+        run_recipe(args.config, args.only, args.nproc, args.overrides, args.resume)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

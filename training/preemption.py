@@ -25,6 +25,13 @@ def install_handlers() -> None:
         signal.signal(sig, _handler)
 
 
+def ignore_further_signals() -> None:
+    """Once the stop is under way (saved, exiting), later SIGTERM/SIGUSR1 (SLURM may repeat them, launchers forward
+    them) must not kill the process with the default action during shutdown."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stop_requested() -> bool:
     """True on every rank as soon as any rank received a stop signal."""
     flag = torch.tensor([1 if _requested["signal"] is not None else 0], dtype=torch.int32)

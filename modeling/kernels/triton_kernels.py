@@ -1,0 +1,489 @@
+"""Triton kernels for the codebook ops: same functions and results as `reference.py`, tiled on the GPU.
+
+Three kernels, each a flash-attention-style loop that recomputes a (BLOCK_N x BLOCK_K) logit tile in registers
+and never writes N x K to memory (Q = z, K = V = C, softmax scale 1 for IBQ or 1/T for the entropy loss):
+
+- `_row_stats_kernel`, grid (token blocks, code splits): online argmax, log-sum-exp, row entropy and soft
+  output S C over the codes of its split. Splits (flash-decoding) give small-N calls enough programs; their
+  partial results are merged in torch at O(splits * N * D) cost. Programs of one wave sweep the codebook in the
+  same order, so each C tile is read from HBM about once per wave and served from L2 to the others.
+- `_row_grad_kernel`, grid (token blocks): dz, looping over all codes.
+- `_col_grad_kernel`, grid (code blocks): dC (or the column sums of p), looping over all tokens.
+
+The backward recomputes the logits in both gradient kernels (as FlashAttention-2's two-pass backward does)
+instead of using atomics. bf16 inputs feed tl.dot as bf16 with fp32 accumulation; fp32 inputs use IEEE fp32
+dots (TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1 the dot operands are
+upcast to fp32 because the interpreter's bf16 arithmetic is wrong; bf16 x bf16 products are exact in fp32, so
+the result is the same up to summation order.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from modeling.kernels.reference import RowStats
+
+MAX_DIM = 256
+"""Largest code dimension D: a whole row of z, C and the fp32 soft-output accumulator live in registers."""
+
+MODE_IBQ = 0
+MODE_ENTROPY = 1
+MODE_PROB_SUM = 2
+
+
+@dataclass
+class TritonConfig:
+    """Tile sizes and launch parameters. `num_splits=None` picks enough code splits to fill the GPU."""
+
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+    num_splits: int | None = None
+    target_programs: int = 264
+
+
+CONFIG = TritonConfig()
+"""Module-level default; tests and benchmarks replace fields to try other tilings."""
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_settings(*tensors: torch.Tensor):
+    """(operand dtype, input precision) for tl.dot given the input dtypes."""
+    if all(t.dtype == torch.bfloat16 for t in tensors) and not _interpreted():
+        return tl.bfloat16, "ieee"
+    use_tf32 = not _interpreted() and torch.backends.cuda.matmul.allow_tf32
+    return tl.float32, "tf32" if use_tf32 else "ieee"
+
+
+def _block_d(dim: int) -> int:
+    if dim > MAX_DIM:
+        raise ValueError(
+            f"Triton codebook kernels support code dim D <= {MAX_DIM}, got {dim}; use backend='torch'"
+        )
+    return max(16, triton.next_power_of_2(dim))
+
+
+@triton.jit
+def _row_stats_kernel(
+    z_ptr,
+    c_ptr,
+    bias_ptr,
+    max_ptr,
+    idx_ptr,
+    sum_ptr,
+    plogp_ptr,
+    out_ptr,
+    N,
+    K,
+    D,
+    stride_zn,
+    stride_ck,
+    codes_per_split,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    SOFT_OUTPUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per (token block, split): running max m, argmax, s = sum e^(l-m), a = sum e^(l-m)(l-m), o = sum e^(l-m) c."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    z = tl.load(
+        z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :],
+        mask=mask_n[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    z = z.to(DOT_DTYPE)
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_idx = tl.zeros((BLOCK_N,), tl.int32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    run_plogp = tl.zeros((BLOCK_N,), tl.float32)
+    run_out = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    k_begin = split * codes_per_split
+    k_end = tl.minimum(K, k_begin + codes_per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        c = tl.load(
+            c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        c = c.to(DOT_DTYPE)
+        logits = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(mask_k[None, :], logits * scale, float("-inf"))
+        tile_max = tl.max(logits, axis=1)
+        tile_idx = tl.argmax(logits, axis=1) + k0
+        run_idx = tl.where(tile_max > run_max, tile_idx, run_idx)
+        new_max = tl.maximum(run_max, tile_max)
+        rescale = tl.exp(run_max - new_max)
+        shifted = logits - new_max[:, None]
+        probs = tl.exp(shifted)
+        if ENTROPY:
+            shift = tl.where(run_sum > 0, run_max - new_max, 0.0)
+            tile_plogp = tl.sum(probs * tl.where(mask_k[None, :], shifted, 0.0), axis=1)
+            run_plogp = rescale * (run_plogp + shift * run_sum) + tile_plogp
+        run_sum = rescale * run_sum + tl.sum(probs, axis=1)
+        if SOFT_OUTPUT:
+            run_out = run_out * rescale[:, None] + tl.dot(
+                probs.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32
+            )
+        run_max = new_max
+
+    row = split * N + offs_n
+    tl.store(max_ptr + row, run_max, mask=mask_n)
+    tl.store(idx_ptr + row, run_idx, mask=mask_n)
+    tl.store(sum_ptr + row, run_sum, mask=mask_n)
+    if ENTROPY:
+        tl.store(plogp_ptr + row, run_plogp, mask=mask_n)
+    if SOFT_OUTPUT:
+        tl.store(
+            out_ptr + row[:, None] * D + offs_d[None, :], run_out, mask=mask_n[:, None] & mask_d[None, :]
+        )
+
+
+@triton.jit
+def _row_grad_kernel(
+    z_ptr,
+    c_ptr,
+    g_ptr,
+    lse_ptr,
+    delta_ptr,
+    entropy_ptr,
+    log_avg_ptr,
+    dz_ptr,
+    cross_ptr,
+    N,
+    K,
+    D,
+    stride_zn,
+    stride_ck,
+    stride_gn,
+    scale,
+    coef,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dz for one token block.
+
+    IBQ: dz = sum_k p_k (g.c_k - delta) c_k.  Entropy: with A = sum_k p_k (log q_k - log p_k) c_k, O = sum_k p_k c_k
+    and E = sum_k p_k log q_k (all in one sweep), dz = coef * (A - (H + E) O); E is stored for the dC pass.
+    """
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+    z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    if MODE == 0:
+        g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :], mask=mask_nd, other=0.0).to(
+            DOT_DTYPE
+        )
+        delta = tl.load(delta_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    acc_out = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    cross = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = tl.load(
+            c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :],
+            mask=mask_k[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        )
+        c = c.to(DOT_DTYPE)
+        logits = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32) * scale
+        log_probs = logits - lse[:, None]
+        probs = tl.where(mask_k[None, :], tl.exp(log_probs), 0.0)
+        if MODE == 0:
+            dprobs = tl.dot(g, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+            dlogits = probs * (dprobs - delta[:, None])
+            acc += tl.dot(dlogits.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
+        else:
+            log_avg = tl.load(log_avg_ptr + offs_k, mask=mask_k, other=0.0)
+            weighted = tl.where(mask_k[None, :], probs * (log_avg[None, :] - log_probs), 0.0)
+            acc += tl.dot(weighted.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
+            acc_out += tl.dot(probs.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
+            cross += tl.sum(probs * log_avg[None, :], axis=1)
+    if MODE == 1:
+        row_entropy = tl.load(entropy_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = coef * (acc - (row_entropy + cross)[:, None] * acc_out)
+        tl.store(cross_ptr + offs_n, cross, mask=mask_n)
+    tl.store(dz_ptr + offs_n[:, None] * D + offs_d[None, :], acc, mask=mask_nd)
+
+
+@triton.jit
+def _col_grad_kernel(
+    z_ptr,
+    c_ptr,
+    g_ptr,
+    lse_ptr,
+    delta_ptr,
+    offset_ptr,
+    log_avg_ptr,
+    dc_ptr,
+    colsum_ptr,
+    N,
+    K,
+    D,
+    stride_zn,
+    stride_ck,
+    stride_gn,
+    scale,
+    coef,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """For one code block, sweeping all tokens: dC = dl^T z (IBQ, entropy) or the column sums of p (PROB_SUM).
+
+    IBQ: dl = p (g.c - delta).  Entropy: dl = coef * p (log q_k - log p - offset_n) with offset = H + E.
+    """
+    pid_k = tl.program_id(0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_k = offs_k < K
+    mask_d = offs_d < D
+    c = tl.load(
+        c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :],
+        mask=mask_k[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    c = c.to(DOT_DTYPE)
+    if MODE == 1:
+        log_avg = tl.load(log_avg_ptr + offs_k, mask=mask_k, other=0.0)
+    acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    colsum = tl.zeros((BLOCK_K,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0).to(
+            DOT_DTYPE
+        )
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        valid = mask_n[:, None] & mask_k[None, :]
+        log_probs = (
+            tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32) * scale - lse[:, None]
+        )
+        probs = tl.where(valid, tl.exp(log_probs), 0.0)
+        if MODE == 2:
+            colsum += tl.sum(probs, axis=0)
+        else:
+            if MODE == 0:
+                g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :], mask=mask_nd, other=0.0)
+                delta = tl.load(delta_ptr + offs_n, mask=mask_n, other=0.0)
+                dprobs = tl.dot(g.to(DOT_DTYPE), tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+                dlogits = probs * (dprobs - delta[:, None])
+            else:
+                offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0.0)
+                dlogits = tl.where(
+                    valid, coef * probs * (log_avg[None, :] - log_probs - offset[:, None]), 0.0
+                )
+            acc += tl.dot(tl.trans(dlogits.to(DOT_DTYPE)), z, input_precision=PRECISION, out_dtype=tl.float32)
+    if MODE == 2:
+        tl.store(colsum_ptr + offs_k, colsum, mask=mask_k)
+    else:
+        tl.store(dc_ptr + offs_k[:, None] * D + offs_d[None, :], acc, mask=mask_k[:, None] & mask_d[None, :])
+
+
+def _num_splits(n_blocks: int, k_blocks: int, config: TritonConfig) -> int:
+    if config.num_splits is not None:
+        return max(1, min(config.num_splits, k_blocks))
+    return max(1, min(k_blocks, math.ceil(config.target_programs / n_blocks)))
+
+
+def row_softmax_stats(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    *,
+    entropy: bool = False,
+    soft_output: bool = False,
+    config: TritonConfig | None = None,
+) -> RowStats:
+    """Triton twin of `reference.row_softmax_stats`: split the codes, run `_row_stats_kernel`, merge the splits."""
+    cfg = CONFIG if config is None else config
+    z, codebook = z.contiguous(), codebook.contiguous()
+    n, dim = z.shape
+    k = codebook.shape[0]
+    block_d = _block_d(dim)
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    k_blocks = triton.cdiv(k, cfg.block_k)
+    splits = _num_splits(n_blocks, k_blocks, cfg)
+    codes_per_split = triton.cdiv(k_blocks, splits) * cfg.block_k
+    splits = triton.cdiv(k, codes_per_split)
+    device = z.device
+    part_max = torch.empty(splits, n, dtype=torch.float32, device=device)
+    part_idx = torch.empty(splits, n, dtype=torch.int32, device=device)
+    part_sum = torch.empty(splits, n, dtype=torch.float32, device=device)
+    part_plogp = torch.empty(splits, n, dtype=torch.float32, device=device) if entropy else part_sum
+    part_out = torch.empty(splits, n, dim, dtype=torch.float32, device=device) if soft_output else part_sum
+    dot_dtype, precision = _dot_settings(z, codebook)
+    _row_stats_kernel[(n_blocks, splits)](
+        z,
+        codebook,
+        bias.contiguous() if bias is not None else z,
+        part_max,
+        part_idx,
+        part_sum,
+        part_plogp,
+        part_out,
+        n,
+        k,
+        dim,
+        z.stride(0),
+        codebook.stride(0),
+        codes_per_split,
+        float(scale),
+        HAS_BIAS=bias is not None,
+        ENTROPY=entropy,
+        SOFT_OUTPUT=soft_output,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_D=block_d,
+        DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    best_max, best_split = part_max.max(dim=0)
+    indices = part_idx.gather(0, best_split[None]).squeeze(0).long()
+    weight = torch.exp(part_max - best_max)
+    total = (weight * part_sum).sum(dim=0)
+    lse = best_max + torch.log(total)
+    row_entropy = None
+    if entropy:
+        plogp = (weight * (part_plogp + (part_max - best_max) * part_sum)).sum(dim=0)
+        row_entropy = torch.log(total) - plogp / total
+    soft = (weight[..., None] * part_out).sum(dim=0) / total[:, None] if soft_output else None
+    return RowStats(indices=indices, lse=lse, entropy=row_entropy, soft_output=soft)
+
+
+def _launch_common(z: torch.Tensor, codebook: torch.Tensor, cfg: TritonConfig) -> dict:
+    dot_dtype, precision = _dot_settings(z, codebook)
+    return dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_D=_block_d(z.shape[1]),
+        DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def column_prob_sum(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    config: TritonConfig | None = None,
+) -> torch.Tensor:
+    """Triton twin of `reference.column_prob_sum`: sum_n p_nk [K] fp32."""
+    cfg = CONFIG if config is None else config
+    z, codebook, lse = z.contiguous(), codebook.contiguous(), lse.contiguous()
+    n, dim = z.shape
+    k = codebook.shape[0]
+    colsum = torch.empty(k, dtype=torch.float32, device=z.device)
+    _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
+        z, codebook, z, lse, lse, lse, lse, colsum, colsum,
+        n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), 0.0,
+        MODE=MODE_PROB_SUM, **_launch_common(z, codebook, cfg),
+    )  # fmt: skip
+    return colsum
+
+
+def ibq_backward(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    grad: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    config: TritonConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.ibq_backward`: fp32 (dz, dC) of the soft path, without the H^T g term."""
+    cfg = CONFIG if config is None else config
+    z, codebook, grad = z.contiguous(), codebook.contiguous(), grad.contiguous()
+    lse, delta = lse.contiguous(), delta.contiguous()
+    n, dim = z.shape
+    k = codebook.shape[0]
+    common = _launch_common(z, codebook, cfg)
+    grad_z = torch.empty(n, dim, dtype=torch.float32, device=z.device)
+    grad_codebook = torch.empty(k, dim, dtype=torch.float32, device=z.device)
+    _row_grad_kernel[(triton.cdiv(n, cfg.block_n),)](
+        z, codebook, grad, lse, delta, lse, lse, grad_z, lse,
+        n, k, dim, z.stride(0), codebook.stride(0), grad.stride(0), 1.0, 1.0,
+        MODE=MODE_IBQ, **common,
+    )  # fmt: skip
+    _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
+        z, codebook, grad, lse, delta, lse, lse, grad_codebook, lse,
+        n, k, dim, z.stride(0), codebook.stride(0), grad.stride(0), 1.0, 1.0,
+        MODE=MODE_IBQ, **common,
+    )  # fmt: skip
+    return grad_z, grad_codebook
+
+
+def entropy_backward(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    lse: torch.Tensor,
+    row_entropy: torch.Tensor,
+    log_avg_probs: torch.Tensor,
+    scale: float,
+    *,
+    config: TritonConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.entropy_backward`: fp32 (dz, dC) of mean_n H(p_n) - H(mean_n p_n)."""
+    cfg = CONFIG if config is None else config
+    z, codebook = z.contiguous(), codebook.contiguous()
+    lse, row_entropy, log_avg_probs = lse.contiguous(), row_entropy.contiguous(), log_avg_probs.contiguous()
+    n, dim = z.shape
+    k = codebook.shape[0]
+    coef = scale / n
+    common = _launch_common(z, codebook, cfg)
+    grad_z = torch.empty(n, dim, dtype=torch.float32, device=z.device)
+    grad_codebook = torch.empty(k, dim, dtype=torch.float32, device=z.device)
+    cross = torch.empty(n, dtype=torch.float32, device=z.device)
+    _row_grad_kernel[(triton.cdiv(n, cfg.block_n),)](
+        z, codebook, z, lse, lse, row_entropy, log_avg_probs, grad_z, cross,
+        n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), coef,
+        MODE=MODE_ENTROPY, **common,
+    )  # fmt: skip
+    offset = row_entropy + cross
+    _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
+        z, codebook, z, lse, lse, offset, log_avg_probs, grad_codebook, lse,
+        n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), coef,
+        MODE=MODE_ENTROPY, **common,
+    )  # fmt: skip
+    return grad_z, grad_codebook

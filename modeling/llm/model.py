@@ -1,0 +1,279 @@
+"""DecoderLM: a Megatron-style decoder-only transformer whose weights map one-to-one onto Qwen2 / Llama.
+
+Parameter names follow megatron-core's local GPT layer spec:
+  embedding.word_embeddings.weight                         [V, C]
+  decoder.layers.{i}.input_layernorm.weight                [C]
+  decoder.layers.{i}.self_attention.linear_qkv.{weight,bias} [(H + 2 H_kv) d, C]  (per-group [q..q, k, v])
+  decoder.layers.{i}.self_attention.linear_proj.weight     [C, H d]
+  decoder.layers.{i}.pre_mlp_layernorm.weight              [C]
+  decoder.layers.{i}.mlp.linear_fc1.weight                 [2 I, C]  ([gate; up])
+  decoder.layers.{i}.mlp.linear_fc2.weight                 [C, I]
+  decoder.final_layernorm.weight                           [C]
+  output_layer.weight                                      [V, C]   (absent when tied)
+
+Layer i: h = x + Attn(RMSNorm(x)); y = h + W2 (silu(W_gate RMSNorm(h)) * W_up RMSNorm(h)).
+Our on-disk format is `llm_config.json` + `model.safetensors` (the full, tp = 1 state dict).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modeling.llm.attention import (
+    AttentionMask,
+    KVCache,
+    SelfAttention,
+    positions_from_segments,
+    rotary_cos_sin,
+)
+from modeling.llm.config import LLMConfig
+from modeling.llm.tensor_parallel import (
+    build_column_linear,
+    build_embedding,
+    build_output_layer,
+    build_row_linear,
+    gather_state_dict,
+    shard_state_dict,
+)
+
+CONFIG_FILE = "llm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+RUNTIME_OPTIONS = {"activation_checkpointing", "attention_backend", "tensor_parallel_size"}
+
+
+class LMOutput(NamedTuple):
+    """logits [B, S, V]; hidden_states [B, S, C] after the final norm; kv_cache when one was passed in.
+    A NamedTuple so that DeepSpeed ZeRO-3 sees its tensors and hooks the backward pass."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    kv_cache: KVCache | None = None
+
+
+class MLP(nn.Module):
+    """SwiGLU: x [B, S, C] -> fc2(silu(gate) * up), [gate; up] = fc1(x)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.linear_fc1 = build_column_linear(
+            config, config.hidden_size, 2 * config.intermediate_size, bias=False, stride=2
+        )
+        self.linear_fc2 = build_row_linear(config, config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: LLMConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attention = SelfAttention(config, layer_index)
+        self.pre_mlp_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: AttentionMask,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, attention_mask, kv_cache)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class TransformerBlock(nn.Module):
+    """The layer stack and the final norm (Megatron's `decoder`)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Module()
+        self.embedding.word_embeddings = build_embedding(config)
+        self.decoder = TransformerBlock(config)
+        self.output_layer = build_output_layer(config)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, C]."""
+        return self.embedding.word_embeddings(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> LMOutput:
+        """Exactly one of input_ids [B, S] / inputs_embeds [B, S, C]. position_ids [B, S] default to 0..S-1
+        (restarting per sample when segment_ids are given, continuing after the cache when one is passed).
+        segment_ids [B, S]: packed samples attend only within their own contiguous run (0 = padding)."""
+        hidden = self._input_hidden(input_ids, inputs_embeds)
+        batch, seq_len = hidden.shape[:2]
+        past_len = 0 if kv_cache is None else kv_cache.length
+        if segment_ids is not None:
+            _check_shape("segment_ids", segment_ids, (batch, seq_len))
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device).expand(
+                    batch, -1
+                )
+        _check_shape("position_ids", position_ids, (batch, seq_len))
+
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        attention_mask = AttentionMask.build(
+            self.config.attention_backend, batch, seq_len, past_len, segment_ids, hidden.device, hidden.dtype
+        )
+        use_checkpointing = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.decoder.layers:
+            if use_checkpointing and kv_cache is None:
+                hidden = checkpoint(layer, hidden, cos, sin, attention_mask, use_reentrant=False)
+            else:
+                hidden = layer(hidden, cos, sin, attention_mask, kv_cache)
+        hidden = self.decoder.final_layernorm(hidden)
+        return LMOutput(logits=self._logits(hidden), hidden_states=hidden, kv_cache=kv_cache)
+
+    def _input_hidden(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DecoderLM.forward needs exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            return self.embed_tokens(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        embedding_weight = self.embedding.word_embeddings.weight
+        if self.output_layer is None:
+            return F.linear(hidden, embedding_weight)
+        if self.config.tie_embeddings:
+            return self.output_layer(hidden, weight=embedding_weight)
+        return self.output_layer(hidden)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+        """Grow the vocabulary (e.g. for added special tokens); new embedding rows (and head rows when untied)
+        are the mean of the old rows, so new tokens start at the average token. Shrinking is refused."""
+        old = self.config.vocab_size
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("resize_token_embeddings is tp = 1 only: resize before sharding")
+        if new_vocab_size < old:
+            raise ValueError(f"resize_token_embeddings: new_vocab_size {new_vocab_size} < current {old}")
+        if new_vocab_size == old:
+            return
+        embedding = self.embedding.word_embeddings
+        embedding.weight = nn.Parameter(_grow_rows(embedding.weight, new_vocab_size))
+        embedding.num_embeddings = new_vocab_size
+        if self.output_layer is not None:
+            self.output_layer.weight = nn.Parameter(_grow_rows(self.output_layer.weight, new_vocab_size))
+            self.output_layer.out_features = new_vocab_size
+        self.config.vocab_size = new_vocab_size
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tp = 1 state dict (gathered across tensor-parallel ranks when tp > 1)."""
+        if self.config.tensor_parallel_size > 1:
+            return gather_state_dict(self.state_dict(), self.config.tensor_parallel_size)
+        return self.state_dict()
+
+    def load_full_state_dict(
+        self, state_dict: dict[str, torch.Tensor], source: str = "state dict", assign: bool = False
+    ) -> None:
+        """Load a tp = 1 state dict (sharded to this rank when tp > 1); errors name `source` and the tensor.
+        assign=True replaces the parameters by the given tensors instead of copying into them."""
+        tp = self.config.tensor_parallel_size
+        if tp > 1:
+            from megatron.core import parallel_state
+
+            state_dict = shard_state_dict(state_dict, parallel_state.get_tensor_model_parallel_rank(), tp)
+        expected = {name: t for name, t in self.state_dict().items() if not name.endswith("_extra_state")}
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
+        for name, tensor in state_dict.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+                )
+        self.load_state_dict(state_dict, strict=False, assign=assign)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write llm_config.json + model.safetensors (full weights; at tp > 1 rank 0 writes, all ranks gather)."""
+        state_dict = self.full_state_dict()
+        if self.config.tensor_parallel_size > 1 and torch.distributed.get_rank() != 0:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(out_dir / CONFIG_FILE)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE)
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **config_overrides) -> DecoderLM:
+        """Read our format; `config_overrides` set run-time options (activation_checkpointing,
+        attention_backend, tensor_parallel_size), never shapes."""
+        shape_fields = sorted(set(config_overrides) - RUNTIME_OPTIONS)
+        if shape_fields:
+            raise ValueError(
+                f"from_pretrained can override only {sorted(RUNTIME_OPTIONS)}, not {shape_fields}"
+            )
+        model_dir = Path(model_dir)
+        config = LLMConfig.from_json(model_dir / CONFIG_FILE, **config_overrides)
+        weights = model_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"LLM weights not found: {weights}")
+        return cls.from_state_dict(config, load_file(str(weights)), source=str(weights))
+
+    @classmethod
+    def from_state_dict(
+        cls, config: LLMConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict"
+    ) -> DecoderLM:
+        """Build a model holding a full (tp = 1) state dict. At tp = 1 the model is built on the meta device
+        and takes the tensors as they are (no random init, the dtype of the tensors)."""
+        if config.tensor_parallel_size > 1:
+            model = cls(config)
+            model.load_full_state_dict(state_dict, source=source)
+            return model
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_full_state_dict(state_dict, source=source, assign=True)
+        return model
+
+
+def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)], dim=0)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (batch, seq), got {tuple(tensor.shape)}")
