@@ -62,12 +62,8 @@ def repo_root() -> str:
 
 @pytest.fixture
 def subprocess_env() -> dict:
-    """Environment for child python processes: repo on PYTHONPATH, one thread per process, quiet DeepSpeed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    """Environment for child python processes: repo on PYTHONPATH, one thread per process."""
+    return child_env()
 
 
 class RankGroup:
@@ -105,40 +101,76 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def start_ranks(nproc: int, args: list[str], log_dir, env_extra: dict | None = None) -> RankGroup:
+    """Start `python -m training.train args` on nproc ranks (gloo on CPU); logs go to log_dir/rankR-PORT.log."""
+    port = _free_port()
+    procs, logs = [], []
+    for rank in range(nproc):
+        env = child_env(env_extra)
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        log_path = os.path.join(str(log_dir), f"rank{rank}-{port}.log")
+        logs.append(log_path)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "training.train", *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=open(log_path, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return RankGroup(procs, logs)
+
+
+def run_ranks(
+    nproc: int, args: list[str], log_dir, env_extra: dict | None = None, timeout: float = 600
+) -> RankGroup:
+    """start_ranks, wait, and fail the test with every rank's log tail if any rank exits non-zero."""
+    group = start_ranks(nproc, args, log_dir, env_extra)
+    try:
+        codes = group.wait(timeout)
+    finally:
+        group.kill9()
+    if any(codes):
+        pytest.fail(f"training.train exited with {codes}\n{group.output()}")
+    return group
+
+
 @pytest.fixture
-def launch_ranks(subprocess_env, tmp_path):
+def launch_ranks(tmp_path):
     """launch_ranks(nproc, args) -> RankGroup running `python -m training.train args` on nproc ranks."""
     groups = []
 
     def _launch(nproc: int, args: list[str], env_extra: dict | None = None) -> RankGroup:
-        port = _free_port()
-        procs, logs = [], []
-        for rank in range(nproc):
-            env = dict(
-                subprocess_env,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-            )
-            env.update(env_extra or {})
-            log_path = tmp_path / f"rank{rank}-{port}.log"
-            logs.append(log_path)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "training.train", *args],
-                    cwd=REPO_ROOT,
-                    env=env,
-                    stdout=open(log_path, "w"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        group = RankGroup(procs, logs)
+        group = start_ranks(nproc, args, tmp_path, env_extra)
         groups.append(group)
         return group
 
     yield _launch
     for group in groups:
         group.kill9()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The synthetic dataset at a tiny size (every split + the sentencepiece tokenizer), made once per session."""
+    from data_pipeline.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(out, seed=0, num_train=240, num_eval=40)
+    return out

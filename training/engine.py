@@ -213,12 +213,13 @@ def load_full_state_dict(
     import deepspeed
 
     missing = []
+    persistent = set(model.state_dict().keys())
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         params = list(module.named_parameters(recurse=False))
-        buffers = list(module.named_buffers(recurse=False))
+        buffers = [(n, b) for n, b in module.named_buffers(recurse=False) if prefix + n in persistent]
         if not params and not buffers:
             continue
-        prefix = f"{module_name}." if module_name else ""
         gathered = [p for _, p in params if hasattr(p, "ds_id")]
         with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0, enabled=bool(gathered)):
             for name, tensor in params + buffers:

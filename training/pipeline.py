@@ -98,7 +98,11 @@ def stage_command(config_path: Path, nproc: int, resume: str = "auto") -> list[s
 
 
 def run_recipe(
-    recipe_path: str | Path, only: list[str] | None = None, nproc: int | None = None, overrides=(), resume: str = "auto"
+    recipe_path: str | Path,
+    only: list[str] | None = None,
+    nproc: int | None = None,
+    overrides=(),
+    resume: str = "auto",
 ) -> Path:
     log = get_logger()
     recipe = load_recipe(recipe_path)

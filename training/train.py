@@ -288,6 +288,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
                 f"received {preemption.received_signal() or 'a stop signal'}: saving at step {step} and exiting"
             )
             save(step)
+            preemption.ignore_further_signals()
             exit_code = preemption.PREEMPTED_EXIT_CODE
             break
         if (
