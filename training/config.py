@@ -247,3 +247,22 @@ def save_config(cfg: Any, out_path: str | Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out_path
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[str]:
+    """One line per config section: 'section: key=default, ...' (nested sections get their own line)."""
+    lines, plain = [], []
+    hints = get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        section = _section_type(hints[f.name])
+        value = getattr(defaults, f.name)
+        if section is not None and dataclasses.is_dataclass(value):
+            lines += describe_fields(section, f"{prefix}{f.name}.")
+        else:
+            plain.append(
+                f"{f.name}={to_dict(value)!r}" if not isinstance(value, list) or value else f"{f.name}=[]"
+            )
+    if plain:
+        lines.insert(0, f"  {prefix.rstrip('.') or '(top)'}: " + ", ".join(plain))
+    return lines

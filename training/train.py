@@ -39,11 +39,14 @@ class NonFiniteError(RuntimeError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from training.config import describe_fields
+
+    keys = "\n".join(describe_fields(TrainConfig))
     parser = argparse.ArgumentParser(
         prog="python -m training.train",
         description="Train one ETT stage (tokenizer pretraining, LLM pretraining, alignment, ETT, chat SFT or "
         "text-to-image) with DeepSpeed ZeRO-3. Any config field can be overridden as section.key=value.",
-        epilog=EPILOG,
+        epilog=f"{EPILOG}\n\nconfig keys (section: key=default), overridable as section.key=value:\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="stage YAML file (see training/recipes/)")
