@@ -1,19 +1,24 @@
 """Hugging Face export from ZeRO-3 checkpoints; the same layout is the stage hand-off format.
 
     python -m training.export --checkpoint RUN/checkpoints [--tag step00000100] --out EXPORT [--dtype bf16|fp32]
+                              [--max-shard-size 5GB] [--text-tokenizer DIR]
 
 EXPORT/
-  ett_config.json      ties the parts together: provenance (stage, step, samples seen) and the full run config
-  llm/                 a transformers model directory (config.json, model*.safetensors [+ index], generation_config.json,
-                       text tokenizer files): AutoModelForCausalLM / AutoTokenizer load it with no custom code
-  vision_tokenizer/    VQTokenizer.save_pretrained (safetensors + tokenizer_config.json)
+  ett_config.json      ties the parts together: components, provenance (stage, step, samples seen, source
+                       checkpoint) and the full run config
+  llm/                 a transformers model directory (config.json, model.safetensors or model-0000i-of-0000n.safetensors
+                       + model.safetensors.index.json, generation_config.json, the text tokenizer files):
+                       AutoModelForCausalLM / AutoTokenizer load it with no custom code
+  vision_tokenizer/    VQTokenizer.save_pretrained layout (model.safetensors + tokenizer_config.json)
   projector/ visual_head/ index_embedding/ discriminator/
                        model.safetensors + config.json, where the model has them
 
-Memory: the checkpoint is consolidated once into fp32 (DeepSpeed's get_fp32_state_dict_from_zero_checkpoint); each
-component is then built on the meta device and takes those tensors by assignment (`load_state_dict(assign=True)`),
-so no second full copy exists; safetensors writes one shard at a time. The export is written to a temporary
-directory and renamed into place, so a failed export never leaves a partial directory.
+Memory: DeepSpeed's lazy consolidation (`get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`) maps the fp32
+partitions of every rank's optimizer file (torch.load mmap, Adam moments dropped) and gathers one tensor at a time.
+The LLM is converted tensor by tensor and each safetensors shard is written as soon as it is full, so the process
+holds at most the mapped fp32 partitions (one full-precision copy of the model) plus one shard. The export is
+written to a temporary directory next to `--out` and renamed into place: a failed export leaves nothing behind,
+and an existing export at `--out` stays as it was.
 """
 
 from __future__ import annotations
@@ -21,105 +26,250 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
+from typing import get_type_hints
 
 import torch
 from safetensors.torch import load_file, save_file
 
 EXPORT_CONFIG = "ett_config.json"
 SIMPLE_COMPONENTS = ("projector", "visual_head", "index_embedding")
+TRAINING_ONLY_PREFIXES = ("vq_loss.",)
 
 
 class ExportError(RuntimeError):
     """The checkpoint or export directory is unusable; the message names what is missing."""
 
 
-def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+def run_config_from_dict(data: dict):
+    """The run config saved in a checkpoint or export -> TrainConfig, section by section and without
+    `TrainConfig.validate`, which checks paths (datasets, previous stages) of the machine that trained."""
+    from training.config import ConfigError, from_dict
+    from training.run_config import TrainConfig
+
+    hints = get_type_hints(TrainConfig)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ExportError(f"run config has unknown sections {unknown}; expected some of {sorted(hints)}")
+    try:
+        return TrainConfig(**{name: from_dict(hints[name], value, name) for name, value in data.items()})
+    except ConfigError as exc:
+        raise ExportError(f"run config saved with the weights is invalid: {exc}") from None
+
+
+def _split(state: dict) -> dict[str, dict]:
+    parts: dict[str, dict] = {}
     for key, value in state.items():
         head, _, rest = key.partition(".")
         parts.setdefault(head, {})[rest] = value
     return parts
 
 
-def _save_simple(out: Path, name: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
+def _materialize(tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor or one of DeepSpeed's lazy GatheredTensors -> a CPU tensor that owns its memory (safetensors refuses
+    tensors that share storage), cast to `dtype` if given."""
+    tensor = tensor.contiguous().detach().cpu()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.clone()
+
+
+def _save_simple(out: Path, name: str, tensors: dict, config: dict, dtype: torch.dtype | None) -> None:
     out.mkdir(parents=True)
     save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
+        {k: _materialize(v, dtype) for k, v in tensors.items()},
         str(out / "model.safetensors"),
         metadata={"format": "pt"},
     )
     (out / "config.json").write_text(json.dumps({"component": name, **config}, indent=1))
 
 
+def write_hf_llm(
+    state: dict,
+    llm_config,
+    out_dir: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    text_tokenizer=None,
+) -> Path:
+    """Write our LLM tensors (names of DecoderLM.state_dict; tensors or lazy GatheredTensors) as a transformers
+    model directory, converting one tensor at a time and writing each safetensors shard as soon as it is full.
+    Shards and index follow transformers' naming (model-00001-of-00003.safetensors, model.safetensors.index.json)."""
+    from transformers import GenerationConfig
+
+    from training.hf_convert import (
+        SAFETENSORS_FILE,
+        SAFETENSORS_INDEX,
+        hf_config_from_llm,
+        hf_shapes,
+        parse_size,
+        tensor_mappings,
+        to_hf,
+    )
+
+    mappings = tensor_mappings(llm_config)
+    missing = [m.ours for m in mappings if m.ours not in state]
+    if missing:
+        raise ExportError(f"the LLM weights lack {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    out_dtype = dtype or torch.float32
+    item_size = torch.empty((), dtype=out_dtype).element_size()
+    shapes = hf_shapes(llm_config)
+    max_bytes = parse_size(max_shard_size)
+    # Plan the shards from the shapes alone (same greedy rule as transformers), so each shard is written once.
+    shard_of: dict[str, int] = {}
+    shard_bytes, shard = 0, 0
+    for mapping in mappings:
+        for name in mapping.hf:
+            size = item_size * int(torch.Size(shapes[name]).numel())
+            if shard_bytes and shard_bytes + size > max_bytes:
+                shard, shard_bytes = shard + 1, 0
+            shard_of[name] = shard
+            shard_bytes += size
+    num_shards = shard + 1
+
+    def file_name(index: int) -> str:
+        return (
+            SAFETENSORS_FILE if num_shards == 1 else f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+        )
+
+    out_dir.mkdir(parents=True)
+    pending: dict[str, torch.Tensor] = {}
+    current, total = 0, 0
+    for mapping in mappings:
+        source = state[mapping.ours].contiguous()
+        for name, tensor in zip(mapping.hf, to_hf(mapping, source, llm_config)):
+            if shard_of[name] != current:
+                save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
+                pending, current = {}, shard_of[name]
+            pending[name] = _materialize(tensor, out_dtype)
+            total += pending[name].numel() * item_size
+        del source
+    save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
+    if num_shards > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file_name(i) for name, i in shard_of.items()},
+        }
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    special_ids = None
+    if text_tokenizer is not None:
+        text_tokenizer.save(out_dir)
+        special_ids = {
+            "bos_token_id": text_tokenizer.bos_id,
+            "eos_token_id": text_tokenizer.eos_id,
+            "pad_token_id": text_tokenizer.pad_id,
+        }
+    hf_config = hf_config_from_llm(llm_config, out_dtype, special_ids)
+    hf_config.save_pretrained(str(out_dir))
+    GenerationConfig.from_model_config(hf_config).save_pretrained(str(out_dir))
+    if text_tokenizer is not None:
+        _check_auto_tokenizer(out_dir, text_tokenizer)
+    return out_dir
+
+
+def _check_auto_tokenizer(llm_dir: Path, text_tokenizer) -> None:
+    """Warn when transformers' AutoTokenizer would not reproduce our tokenizer from llm/: transformers 5 maps some
+    model types (qwen2 among them) to their own tokenizer class whatever tokenizer_config.json says, and that class
+    rebuilds the pipeline from a byte-level BPE vocabulary, so a sentencepiece tokenizer comes out wrong."""
+    from transformers import AutoTokenizer
+
+    from training.run_log import get_logger
+
+    probe = "The quick brown fox jumps over 13 lazy dogs."
+    auto = AutoTokenizer.from_pretrained(str(llm_dir))
+    if auto.encode(probe, add_special_tokens=False) != text_tokenizer.encode(probe):
+        get_logger().warning(
+            f"{llm_dir}: AutoTokenizer.from_pretrained loads this text tokenizer as {type(auto).__name__}, which "
+            "encodes differently (transformers picks it from config.json's model_type); load it with "
+            "transformers.PreTrainedTokenizerFast.from_pretrained, or train with model.llm.qkv_bias=false "
+            "(a Llama-type export, for which AutoTokenizer honours tokenizer.json)"
+        )
+
+
+def _load_text_tokenizer(path: str | None):
+    if not path:
+        return None
+    from data_pipeline.text_tokenizer import TextTokenizer
+
+    if not Path(path).exists():
+        raise ExportError(
+            f"text tokenizer {path} (data.text_tokenizer of the run) does not exist here; pass --text-tokenizer DIR"
+        )
+    return TextTokenizer.load(path)
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    """A fresh temporary directory next to `out_dir` (same filesystem, so the final rename is atomic)."""
+    if out_dir.exists() and not (out_dir / EXPORT_CONFIG).is_file() and any(out_dir.iterdir()):
+        raise ExportError(
+            f"--out {out_dir} exists and is not an ETT export (no {EXPORT_CONFIG}); refusing to replace it"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def write_export(
-    state: dict[str, torch.Tensor],
+    state: dict,
     cfg,
     out_dir: str | Path,
     provenance: dict,
     dtype: torch.dtype | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | int = "5GB",
     discriminator_state: dict[str, torch.Tensor] | None = None,
+    text_tokenizer: str | None = None,
 ) -> Path:
-    """Write the export layout from a full ETTModel state dict (keys 'llm.*', 'tokenizer.*', 'projector.*', ...)."""
-    from modeling.llm import DecoderLM
+    """Write the export layout from a full ETTModel state dict (keys 'llm.*', 'tokenizer.*', 'projector.*', ...;
+    values are tensors or DeepSpeed's lazy GatheredTensors). `dtype` casts the LLM, projector, visual head and index
+    embedding (the vision tokenizer and discriminator stay fp32). `text_tokenizer` overrides cfg.data.text_tokenizer."""
     from modeling.tokenizer import VQTokenizer
     from training.config import to_dict
-    from training.hf_convert import save_hf_llm
 
     out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _prepare_out_dir(out_dir)
     try:
         parts = _split(state)
         components = []
         if "llm" in parts:
-            with torch.device("meta"):
-                llm = DecoderLM(cfg.model.llm)
-            llm.load_state_dict(parts["llm"], assign=True, strict=False)
-            save_hf_llm(llm, tmp / "llm", dtype=dtype, max_shard_size=max_shard_size)
-            if cfg.data.text_tokenizer:
-                from data_pipeline.text_tokenizer import TextTokenizer
-
-                TextTokenizer.load(cfg.data.text_tokenizer).save(tmp / "llm")
+            tokenizer = _load_text_tokenizer(text_tokenizer or cfg.data.text_tokenizer)
+            write_hf_llm(parts.pop("llm"), cfg.model.llm, tmp / "llm", dtype, max_shard_size, tokenizer)
             components.append("llm")
         if "tokenizer" in parts:
             with torch.device("meta"):
-                tokenizer = VQTokenizer(cfg.model.tokenizer)
-            tokenizer.load_state_dict(parts["tokenizer"], assign=True, strict=False)
-            tokenizer.save_pretrained(tmp / "vision_tokenizer")
+                vision_tokenizer = VQTokenizer(cfg.model.tokenizer)
+            tensors = {k: _materialize(v) for k, v in parts.pop("tokenizer").items()}
+            vision_tokenizer.load_state_dict(tensors, assign=True, strict=True)
+            vision_tokenizer.save_pretrained(tmp / "vision_tokenizer")
+            del vision_tokenizer, tensors
             components.append("vision_tokenizer")
+        hidden, codes = cfg.model.llm.hidden_size, cfg.model.tokenizer.codebook_size
         simple_configs = {
             "projector": {
                 "depth": cfg.model.projector.depth,
                 "code_dim": cfg.model.tokenizer.code_dim,
-                "hidden_size": cfg.model.llm.hidden_size,
+                "hidden_size": hidden,
             },
-            "visual_head": {
-                "hidden_size": cfg.model.llm.hidden_size,
-                "codebook_size": cfg.model.tokenizer.codebook_size,
-            },
-            "index_embedding": {
-                "hidden_size": cfg.model.llm.hidden_size,
-                "codebook_size": cfg.model.tokenizer.codebook_size,
-            },
+            "visual_head": {"hidden_size": hidden, "codebook_size": codes},
+            "index_embedding": {"hidden_size": hidden, "codebook_size": codes},
         }
         for name in SIMPLE_COMPONENTS:
             if name in parts:
-                tensors = parts[name] if dtype is None else {k: v.to(dtype) for k, v in parts[name].items()}
-                _save_simple(tmp / name, name, tensors, simple_configs[name])
+                _save_simple(tmp / name, name, parts.pop(name), simple_configs[name], dtype)
                 components.append(name)
         if discriminator_state:
-            _save_simple(tmp / "discriminator", "discriminator", discriminator_state, {})
+            _save_simple(tmp / "discriminator", "discriminator", discriminator_state, {}, None)
             components.append("discriminator")
         manifest = {
             "format": "ett-export",
             "version": 1,
             "components": components,
+            "dtype": str(dtype or torch.float32).removeprefix("torch."),
             **provenance,
             "config": to_dict(cfg),
         }
@@ -149,9 +299,8 @@ def load_handoff_state_dict(export_dir: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for component in manifest["components"]:
         if component == "llm":
-            state.update(
-                {f"llm.{k}": v for k, v in load_component_state_dict(export_dir / "llm", "llm").items()}
-            )
+            llm = load_component_state_dict(export_dir / "llm", "llm")
+            state.update({f"llm.{k}": v for k, v in llm.items()})
         elif component == "vision_tokenizer":
             tok = load_component_state_dict(export_dir / "vision_tokenizer", "tokenizer")
             state.update({f"tokenizer.{k}": v for k, v in tok.items()})
@@ -195,14 +344,11 @@ def load_discriminator(discriminator: torch.nn.Module, export_dir: str | Path) -
     return True
 
 
-def consolidate_checkpoint(checkpoint: str | Path, tag: str | None = None):
-    """(fp32 state dict, trainer state, tag dir) of a complete checkpoint of any world size.
-    Missing shard files or an incomplete checkpoint raise ExportError naming them."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def _resolve_tag_dir(checkpoint: Path, tag: str | None) -> Path:
     from training.checkpoint import COMPLETE_MARKER, TRAINER_STATE, is_complete, list_complete
 
-    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise ExportError(f"--checkpoint {checkpoint}: no such directory")
     if (checkpoint / TRAINER_STATE).exists() or (checkpoint / COMPLETE_MARKER).exists():
         root, tag = checkpoint.parent, checkpoint.name
     else:
@@ -210,27 +356,53 @@ def consolidate_checkpoint(checkpoint: str | Path, tag: str | None = None):
         if tag is None:
             tags = list_complete(root)
             if not tags:
-                raise ExportError(f"{root}: no complete checkpoint (directories with a COMPLETE marker)")
+                raise ExportError(
+                    f"{root}: no complete checkpoint (step* directories with a COMPLETE marker)"
+                )
             tag = tags[-1]
     tag_dir = root / tag
     if not tag_dir.is_dir():
-        raise ExportError(f"{tag_dir}: no such checkpoint")
+        raise ExportError(f"{tag_dir}: no such checkpoint (complete tags in {root}: {list_complete(root)})")
     if not is_complete(tag_dir):
         raise ExportError(f"{tag_dir}: incomplete checkpoint (no COMPLETE marker); a save was interrupted")
+    return tag_dir
+
+
+def consolidate_checkpoint(checkpoint: str | Path, tag: str | None = None, lazy: bool = True):
+    """(state dict, trainer state, tag dir) of a complete ZeRO checkpoint of any world size. With `lazy` the
+    values are DeepSpeed's GatheredTensors (`.shape`, `.contiguous()` gathers one tensor) over memory-mapped shards.
+    Missing shard files raise ExportError naming every missing file."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from training.checkpoint import TRAINER_STATE
+
+    tag_dir = _resolve_tag_dir(Path(checkpoint), tag)
     trainer_state = json.loads((tag_dir / TRAINER_STATE).read_text())
     world = int(trainer_state["world_size"])
-    expected = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
-    optim = sorted(p.name for p in tag_dir.glob("*optim_states.pt"))
-    missing = [name for name in expected if not (tag_dir / name).is_file()]
-    if len(optim) != world:
-        missing.append(f"optimizer shards: found {len(optim)} of {world} ({optim})")
+    missing = []
+    for rank in range(world):
+        stem = f"zero_pp_rank_{rank}_mp_rank_00"
+        if not (tag_dir / f"{stem}_model_states.pt").is_file():
+            missing.append(f"{stem}_model_states.pt")
+        if not any(tag_dir.glob(f"*{stem}_optim_states.pt")):
+            missing.append(f"{stem}_optim_states.pt")
+    if missing and (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        raise ExportError(
+            f"{tag_dir}: a checkpoint without ZeRO partitioning (deepspeed.zero_stage=0) is not supported; "
+            "export from a ZeRO-1/2/3 run or use its final/ hand-off directory"
+        )
     if missing:
-        raise ExportError(f"{tag_dir}: checkpoint of world size {world} is missing shard files: {missing}")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        raise ExportError(f"{tag_dir}: checkpoint of world size {world} is missing shard files {missing}")
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, lazy_mode=lazy
+        )
+    except (ValueError, KeyError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise ExportError(f"{tag_dir}: DeepSpeed could not consolidate the shards: {exc}") from None
     return state, trainer_state, tag_dir
 
 
-def check_against_config(state: dict[str, torch.Tensor], cfg) -> None:
+def check_against_config(state: dict, cfg) -> None:
     """Compare the consolidated tensors with the model the config describes; name every mismatch."""
     from modeling.ett import ETTModel
 
@@ -244,67 +416,93 @@ def check_against_config(state: dict[str, torch.Tensor], cfg) -> None:
             with_llm=kind != "tokenizer",
             with_tokenizer=kind != "llm_pretrain",
         )
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("vq_loss.")}
-    missing = sorted(k for k in expected if k not in state)
+    expected = {
+        k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)
+    }
+    found = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}"
+        f"{k}: checkpoint {found[k]} vs config {expected[k]}"
         for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
+        if k in found and found[k] != expected[k]
     )
-    if missing or wrong:
+
+    def listed(names: list[str]) -> str:
+        return f"{names[:8]}{f' ... ({len(names)} in all)' if len(names) > 8 else ''}"
+
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {listed(missing)}")
+    if unexpected:
+        problems.append(f"tensors the config has no place for {listed(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches {listed(wrong)}")
+    if problems:
         raise ExportError(
-            "checkpoint does not match its model configuration: "
-            + (f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"shape mismatches {wrong[:8]}" if wrong else "")
+            f"checkpoint does not match its model configuration (stage.kind={kind}): " + "; ".join(problems)
         )
 
 
 def export_checkpoint(
-    checkpoint, out_dir, tag=None, dtype: str = "fp32", max_shard_size: str = "5GB"
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: str | int = "5GB",
+    text_tokenizer: str | None = None,
 ) -> Path:
-    from training.config import from_dict
-    from training.run_config import TrainConfig
-
-    state, trainer_state, tag_dir = consolidate_checkpoint(checkpoint, tag)
-    cfg = from_dict(TrainConfig, trainer_state["config"])
+    """Consolidate a ZeRO checkpoint (lazily) and write the export layout to `out_dir`."""
+    if dtype not in ("fp32", "bf16"):
+        raise ExportError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    state, trainer_state, tag_dir = consolidate_checkpoint(checkpoint, tag, lazy=True)
+    if "config" not in trainer_state:
+        raise ExportError(f"{tag_dir}: trainer_state.json has no 'config' (the run config of the checkpoint)")
+    cfg = run_config_from_dict(trainer_state["config"])
     check_against_config(state, cfg)
     disc_path = tag_dir / "discriminator.safetensors"
     disc = load_file(str(disc_path)) if disc_path.is_file() else None
     provenance = {
         k: trainer_state[k]
-        for k in ("stage", "kind", "step", "consumed_samples", "consumed_tokens")
+        for k in ("stage", "kind", "step", "consumed_samples", "consumed_tokens", "world_size")
         if k in trainer_state
     }
-    provenance["checkpoint"] = str(tag_dir)
-    torch_dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype]
+    provenance["checkpoint"] = str(tag_dir.resolve())
     return write_export(
         state,
         cfg,
         out_dir,
         provenance,
-        dtype=torch_dtype,
+        dtype={"fp32": None, "bf16": torch.bfloat16}[dtype],
         max_shard_size=max_shard_size,
         discriminator_state=disc,
+        text_tokenizer=text_tokenizer,
     )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.export",
-        description="Export a ZeRO-3 checkpoint (any world size) to a Hugging Face LLM directory plus the vision "
-        "tokenizer, projector and visual head (safetensors + JSON).",
+        description="Export a ZeRO checkpoint (any world size) to a Hugging Face LLM directory plus the vision "
+        "tokenizer, projector and visual head (safetensors + JSON). The result is also a stage hand-off "
+        "(stage.init_from) and the input of `python -m training.infer`.",
     )
     parser.add_argument(
         "--checkpoint", required=True, help="a stage's checkpoints/ directory or one tag directory"
     )
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
-    parser.add_argument("--out", required=True, help="export directory (replaced atomically)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--out", required=True, help="export directory (written atomically)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="LLM / projector dtype")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest LLM safetensors shard, e.g. 500MB")
+    parser.add_argument(
+        "--text-tokenizer", default=None, help="text tokenizer to ship with llm/ (default: the run's)"
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_size)
-    except ExportError as exc:
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.tag, args.dtype, args.max_shard_size, args.text_tokenizer
+        )
+    except (ExportError, FileNotFoundError, ValueError) as exc:
         print(f"export error: {exc}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

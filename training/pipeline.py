@@ -14,6 +14,12 @@ A recipe is YAML:
 Each training step runs in a fresh process (one DeepSpeed engine per stage, DESIGN.md decision 2) with its resolved
 config written to OUTPUT/NAME/stage.yaml; a step whose OUTPUT/NAME/DONE exists is skipped, so a re-run resumes
 the recipe where it stopped (and an interrupted stage resumes from its own checkpoints with --resume auto).
+
+`parallel: N` (default 1) runs up to N independent steps at once, each with OMP_NUM_THREADS = cores / (N x nproc)
+and its output in OUTPUT/NAME/log.txt. A step waits for the steps it names with "@NAME" and in its `after:` list;
+`after: all` waits for every step listed before it. With parallel 1 the steps run one after another in the
+listed order. `threads: N` sets one step's OMP_NUM_THREADS (e.g. a long step that others wait for).
+`templates:` is free-form: a place for YAML anchors (&name) that steps merge in (<<: *name).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from training.run_config import TrainConfig
 from training.run_log import get_logger
 
 STEP_KINDS = ("train", "synthetic", "text_tokenizer", "python")
+RECIPE_KEYS = {"output_dir", "nproc", "parallel", "defaults", "templates", "steps", "description"}
+STEP_KEYS = {"name", "run", "config", "args", "after", "threads"}
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -63,10 +71,10 @@ def load_recipe(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     recipe = yaml.safe_load(path.read_text()) or {}
-    unknown = set(recipe) - {"output_dir", "nproc", "defaults", "steps", "description"}
+    unknown = set(recipe) - RECIPE_KEYS
     if unknown:
         raise ConfigError(
-            f"{path}: unknown recipe keys {sorted(unknown)}; expected output_dir, nproc, defaults, steps"
+            f"{path}: unknown recipe keys {sorted(unknown)}; expected {', '.join(sorted(RECIPE_KEYS))}"
         )
     names = set()
     for index, step in enumerate(recipe.get("steps", [])):
@@ -74,8 +82,36 @@ def load_recipe(path: str | Path) -> dict:
             raise ConfigError(f"{path}: steps[{index}] needs a name and run: one of {STEP_KINDS}, got {step}")
         if step["name"] in names:
             raise ConfigError(f"{path}: duplicate step name {step['name']!r}")
+        if step.get("after") == "all":
+            step["after"] = sorted(names)
+        unknown_deps = sorted(step_dependencies(step) - names)
+        if unknown_deps:
+            raise ConfigError(
+                f"{path}: step {step['name']!r} depends on {unknown_deps}, which are not steps listed before it"
+            )
         names.add(step["name"])
+    if int(recipe.get("parallel", 1)) < 1:
+        raise ConfigError(f"{path}: parallel must be >= 1, got {recipe['parallel']}")
     return recipe
+
+
+def step_dependencies(step: dict) -> set[str]:
+    """Names of the steps that `step` waits for: its "@NAME" references and its `after:` list."""
+    found: set[str] = set(step.get("after", []))
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, str) and value.startswith("@"):
+            found.add(value[1:])
+
+    visit(step.get("config", {}))
+    visit(step.get("args", {}))
+    return found
 
 
 def stage_command(config_path: Path, nproc: int, resume: str = "auto") -> list[str]:
@@ -97,6 +133,30 @@ def stage_command(config_path: Path, nproc: int, resume: str = "auto") -> list[s
     ]
 
 
+def step_command(step: dict, step_dir: Path, output_dir: Path, defaults: dict, nproc: int, overrides, resume):
+    """The command line of one step; a training step's resolved config is written to STEP_DIR/stage.yaml."""
+    if step["run"] == "train":
+        stage = deep_merge(defaults, step.get("config", {}))
+        stage = deep_merge(stage, {"stage": {"name": step["name"]}, "train": {"output_dir": str(step_dir)}})
+        stage = resolve_refs(stage, output_dir)
+        config_path = step_dir / "stage.yaml"
+        config_path.write_text(yaml.safe_dump(stage, sort_keys=False))
+        load_config(TrainConfig, config_path, list(overrides))
+        return stage_command(config_path, nproc, resume) + list(overrides)
+    args = resolve_refs(step.get("args", {}), output_dir)
+    module = {
+        "synthetic": "data_pipeline.synthetic",
+        "text_tokenizer": "data_pipeline.text_tokenizer",
+    }.get(step["run"], args.pop("module", None))
+    if module is None:
+        raise ConfigError(
+            f"step {step['name']!r}: run: python needs args.module (a python module to run with -m)"
+        )
+    return [sys.executable, "-m", module] + [
+        item for key, value in args.items() for item in (f"--{key.replace('_', '-')}", str(value))
+    ]
+
+
 def run_recipe(
     recipe_path: str | Path,
     only: list[str] | None = None,
@@ -104,49 +164,111 @@ def run_recipe(
     overrides=(),
     resume: str = "auto",
 ) -> Path:
+    """Run the recipe's steps (up to `parallel` at once, in dependency order); returns the output directory."""
     log = get_logger()
     recipe = load_recipe(recipe_path)
     output_dir = Path(recipe.get("output_dir", "runs/" + Path(recipe_path).stem))
     nproc = nproc or int(recipe.get("nproc", 1))
+    parallel = int(recipe.get("parallel", 1))
     defaults = recipe.get("defaults", {})
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
-    started = time.time()
-    for step in recipe.get("steps", []):
-        name = step["name"]
-        if only and name not in only:
-            continue
-        step_dir = output_dir / name
-        if resume == "auto" and (step_dir / "DONE").exists():
-            log.info(f"[{name}] already complete, skipping")
-            continue
-        step_dir.mkdir(parents=True, exist_ok=True)
-        log.info(f"[{name}] {step['run']} ({time.time() - started:.0f} s into the recipe)")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (nproc * parallel))))
+    steps = [s for s in recipe.get("steps", []) if not only or s["name"] in only]
+    for step in steps:
+        unknown = set(step) - STEP_KEYS
+        if unknown:
+            raise ConfigError(
+                f"step {step['name']!r}: unknown keys {sorted(unknown)}; expected {sorted(STEP_KEYS)}"
+            )
         if step["run"] == "train":
-            stage = deep_merge(defaults, step.get("config", {}))
-            stage = deep_merge(stage, {"stage": {"name": name}, "train": {"output_dir": str(step_dir)}})
-            stage = resolve_refs(stage, output_dir)
-            config_path = step_dir / "stage.yaml"
-            config_path.write_text(yaml.safe_dump(stage, sort_keys=False))
-            load_config(TrainConfig, config_path, list(overrides))
-            command = stage_command(config_path, nproc, resume) + list(overrides)
-        else:
-            args = resolve_refs(step.get("args", {}), output_dir)
-            module = {
-                "synthetic": "data_pipeline.synthetic",
-                "text_tokenizer": "data_pipeline.text_tokenizer",
-            }.get(step["run"], args.pop("module", None))
-            command = [sys.executable, "-m", module] + [
-                item for key, value in args.items() for item in (f"--{key.replace('_', '-')}", str(value))
-            ]
-        result = subprocess.run(command, env=env)
-        if result.returncode != 0:
-            raise SystemExit(f"[{name}] failed with exit code {result.returncode}: {' '.join(command)}")
+            _check_stage_config(
+                deep_merge(defaults, step.get("config", {})), output_dir, overrides, step["name"]
+            )
+    selected = {s["name"] for s in steps}
+    done: set[str] = set()
+    running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
+    started = time.time()
+    while len(done) < len(steps):
+        progressed = False
+        for step in steps:
+            name = step["name"]
+            if name in done or name in running or len(running) >= parallel:
+                continue
+            waits_for = step_dependencies(step) & selected
+            if parallel == 1:
+                waits_for |= {s["name"] for s in steps[: steps.index(step)]}
+            if not waits_for <= done:
+                continue
+            step_dir = output_dir / name
+            if resume == "auto" and (step_dir / "DONE").exists():
+                log.info(f"[{name}] already complete, skipping")
+                done.add(name)
+                progressed = True
+                continue
+            step_dir.mkdir(parents=True, exist_ok=True)
+            command = step_command(step, step_dir, output_dir, defaults, nproc, overrides, resume)
+            log.info(f"[{name}] {step['run']} started ({time.time() - started:.0f} s into the recipe)")
+            output = open(step_dir / "log.txt", "w") if parallel > 1 else None
+            step_env = {**env, "OMP_NUM_THREADS": str(step["threads"])} if "threads" in step else env
+            process = subprocess.Popen(
+                command, env=step_env, stdout=output, stderr=subprocess.STDOUT if output else None
+            )
+            running[name] = (process, step, time.time())
+        if not running and progressed:
+            continue
+        if not running:
+            raise ConfigError(
+                f"steps {sorted(selected - done)} wait for steps that are not selected or failed"
+            )
+        finished = _wait_any(running)
+        process, step, step_start = running.pop(finished)
+        step_dir = output_dir / finished
+        if process.returncode != 0:
+            for other, _, _ in running.values():
+                other.terminate()
+            for other, _, _ in running.values():
+                other.wait()
+            hint = f"; its output is in {step_dir / 'log.txt'}" if parallel > 1 else ""
+            raise SystemExit(f"[{finished}] failed with exit code {process.returncode}{hint}")
         if step["run"] != "train":
             (step_dir / "DONE").write_text("ok\n")
+            if parallel > 1:
+                _echo_last_line(step_dir / "log.txt", finished)
+        done.add(finished)
+        log.info(f"[{finished}] done in {time.time() - step_start:.0f} s ({len(done)}/{len(steps)} steps)")
     log.info(f"recipe finished in {time.time() - started:.0f} s; outputs in {output_dir}")
     return output_dir
+
+
+def _check_stage_config(stage: dict, output_dir: Path, overrides, name: str) -> None:
+    """Validate a training step's config before anything runs, except the paths that earlier steps create."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        handle.write(yaml.safe_dump(resolve_refs(stage, output_dir)))
+        handle.flush()
+        try:
+            load_config(TrainConfig, handle.name, list(overrides))
+        except ConfigError as exc:
+            if "does not exist" not in str(exc):
+                raise ConfigError(f"step {name!r}: {exc}") from None
+
+
+def _echo_last_line(log_path: Path, name: str) -> None:
+    """Print the last line of a finished step's captured output (e.g. where the report was written)."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    if lines:
+        print(f"[{name}] {lines[-1]}", flush=True)
+
+
+def _wait_any(running: dict) -> str:
+    """Block until one of the running steps exits; returns its name."""
+    while True:
+        for name, (process, _, _) in running.items():
+            if process.poll() is not None:
+                return name
+        time.sleep(0.5)
 
 
 def main(argv=None) -> int:
@@ -155,6 +277,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these steps")
     parser.add_argument(
         "--nproc", type=int, default=None, help="processes per training stage (default: recipe nproc)"
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        choices=("auto", "none"),
+        help="auto: skip finished steps and resume interrupted stages (default); none: run every step afresh",
     )
     parser.add_argument("overrides", nargs="*", help="overrides applied to every training stage")
     args = parser.parse_args(argv)

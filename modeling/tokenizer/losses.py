@@ -1,0 +1,160 @@
+"""The tokenizer objective (ett_spec.md §2, Eq. 1) and the discriminator objective (hinge + LeCAM).
+
+Generator: L_vq = l1 * |x - x^| + l2 * (x - x^)^2 + quant * L_quant + perceptual * LPIPS(x, x^)
+                  + gan * L_GAN + entropy * L_entropy,
+with L_GAN = softplus(-mean_patches D(x^)) averaged over images (non-saturating, fixed weight, IBQ) from
+`gan_start_step` on. Discriminator: 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x^))) + lecam * R_LeCAM with
+R_LeCAM = mean relu(D(x) - ema_fake)^2 + mean relu(ema_real - D(x^))^2 and EMAs of the mean logits (decay 0.999).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.tokenizer.config import TokenizerConfig, VQLossConfig
+from modeling.tokenizer.perceptual import LPIPS
+from modeling.tokenizer.tokenizer import TokenizerOutput
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Run `module` without recording gradients for its parameters (they still flow to its inputs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def non_saturating_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """softplus(-l) = -log sigmoid(l) of each image's mean patch logit, averaged over the batch."""
+    return F.softplus(-logits_fake.flatten(1).mean(dim=1)).mean()
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser (Tseng et al. 2021) with EMAs of the discriminator's mean real and fake logits (buffers)."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """Update the EMAs with this batch's mean logits, then return the regulariser."""
+        with torch.no_grad():
+            self.ema_real.lerp_(logits_real.mean().float(), 1.0 - self.decay)
+            self.ema_fake.lerp_(logits_fake.mean().float(), 1.0 - self.decay)
+        return (
+            F.relu(logits_real - self.ema_fake).pow(2).mean()
+            + F.relu(self.ema_real - logits_fake).pow(2).mean()
+        )
+
+
+class VQLoss(nn.Module):
+    """Both GAN-tokenizer objectives. Holds the frozen LPIPS network (when perceptual_weight > 0) and the LeCAM
+    EMAs; the discriminator is passed in, since it is trained by its own optimizer outside the main engine."""
+
+    def __init__(self, config: TokenizerConfig | VQLossConfig) -> None:
+        super().__init__()
+        self.config = config.loss if isinstance(config, TokenizerConfig) else config
+        for name in (
+            "l1_weight",
+            "l2_weight",
+            "perceptual_weight",
+            "quant_weight",
+            "entropy_weight",
+            "gan_weight",
+        ):
+            if getattr(self.config, name) < 0:
+                raise ValueError(f"VQLossConfig.{name} must be >= 0, got {getattr(self.config, name)}")
+        self.perceptual = None
+        if self.config.perceptual_weight > 0:
+            if not self.config.perceptual_weights_path:
+                raise FileNotFoundError(
+                    f"VQLossConfig.perceptual_weight={self.config.perceptual_weight} needs "
+                    "VQLossConfig.perceptual_weights_path (VGG16 + LPIPS weights), which is not set; "
+                    "set it or use perceptual_weight=0"
+                )
+            self.perceptual = LPIPS.from_file(
+                self.config.perceptual_weights_path, "VQLossConfig.perceptual_weights_path"
+            )
+        self.lecam = LeCAM(self.config.lecam_decay)
+
+    def gan_active(self, step: int) -> bool:
+        return self.config.gan_weight > 0 and step >= self.config.gan_start_step
+
+    def generator_loss(
+        self, images: torch.Tensor, output: TokenizerOutput, discriminator: nn.Module | None, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images [B, 3, H, W] and the tokenizer output -> (L_vq scalar, unweighted named terms, detached)."""
+        cfg, rec = self.config, output.reconstruction
+        if rec.shape != images.shape:
+            raise ValueError(
+                f"reconstruction shape {list(rec.shape)} differs from images shape {list(images.shape)}"
+            )
+        zero = images.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        terms["l1"] = (images - rec).abs().mean() if cfg.l1_weight > 0 else zero
+        terms["l2"] = (images - rec).pow(2).mean() if cfg.l2_weight > 0 else zero
+        terms["perceptual"] = self.perceptual(images, rec).mean() if self.perceptual is not None else zero
+        terms["quant"] = output.quant_losses["quant"] if cfg.quant_weight > 0 else zero
+        terms["entropy"] = output.quant_losses["entropy"] if cfg.entropy_weight > 0 else zero
+        if self.gan_active(step):
+            if discriminator is None:
+                raise ValueError(
+                    f"gan_weight={cfg.gan_weight} at step {step} >= gan_start_step needs a discriminator"
+                )
+            with frozen(discriminator):
+                terms["gan"] = non_saturating_generator_loss(discriminator(rec))
+        else:
+            terms["gan"] = zero
+        total = (
+            cfg.l1_weight * terms["l1"]
+            + cfg.l2_weight * terms["l2"]
+            + cfg.perceptual_weight * terms["perceptual"]
+            + cfg.quant_weight * terms["quant"]
+            + cfg.gan_weight * terms["gan"]
+            + cfg.entropy_weight * terms["entropy"]
+        )
+        logs = {name: value.detach() for name, value in terms.items()}
+        logs["total"] = total.detach()
+        return total, logs
+
+    def discriminator_loss(
+        self, images: torch.Tensor, reconstruction: torch.Tensor, discriminator: nn.Module, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge + lecam_weight * LeCAM on real images and detached reconstructions -> (scalar, named terms).
+        Before `gan_start_step` (or with gan_weight 0) returns a zero loss with no graph and logs zeros."""
+        zero = images.new_zeros(())
+        if not self.gan_active(step):
+            return zero, {
+                "disc": zero,
+                "hinge": zero,
+                "lecam": zero,
+                "logits_real": zero,
+                "logits_fake": zero,
+            }
+        logits_real = discriminator(images.detach())
+        logits_fake = discriminator(reconstruction.detach())
+        hinge = hinge_discriminator_loss(logits_real, logits_fake)
+        lecam = self.lecam(logits_real, logits_fake) if self.config.lecam_weight > 0 else zero
+        total = hinge + self.config.lecam_weight * lecam
+        logs = {
+            "disc": total.detach(),
+            "hinge": hinge.detach(),
+            "lecam": lecam.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return total, logs

@@ -1,0 +1,176 @@
+"""Quantizers: IBQ (index backpropagation, ett_spec.md §1.2) and classic VQ (nearest code in L2).
+
+Both take z [B, D, h, w] and return a `QuantizerOutput` whose `quantized` has the forward value of the selected
+codes exactly, straight-through gradients, the unweighted loss terms and usage statistics. The codebook lookups
+go through `modeling.kernels` (Triton on CUDA, chunked torch on CPU), so the N x K logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling.kernels import codebook_argmax, codebook_entropy_loss, ibq_straight_through
+from modeling.tokenizer.config import TokenizerConfig
+
+
+class QuantizerOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed ZeRO-3 sees its tensors and hooks the backward pass."""
+
+    quantized: torch.Tensor  # [B, D, h, w], forward value = codebook[indices]
+    indices: torch.Tensor  # [B, h, w] int64
+    losses: dict[str, torch.Tensor]  # "quant", "entropy": unweighted scalars
+    stats: dict[str, torch.Tensor]  # "perplexity", "usage": detached scalars
+
+
+def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
+    """perplexity = exp(H(code histogram)); usage = fraction of the K codes chosen at least once in `indices`."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1.0)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
+
+
+class Codebook(nn.Embedding):
+    """The [K, D] codebook: N(0, 1) (IBQ) or U(-b, b) (VQ) init inside `reset_parameters`, i.e. during its own
+    construction, so the init also holds under DeepSpeed's zero.Init (which partitions each module's parameters as
+    soon as the module is built; a later `nn.init.*_` on them is a silent no-op)."""
+
+    def __init__(self, num_codes: int, code_dim: int, uniform_bound: float | None = None) -> None:
+        self.uniform_bound = uniform_bound
+        super().__init__(num_codes, code_dim)
+
+    def reset_parameters(self) -> None:
+        if self.uniform_bound is None:
+            nn.init.normal_(self.weight)
+        else:
+            nn.init.uniform_(self.weight, -self.uniform_bound, self.uniform_bound)
+
+
+class Quantizer(nn.Module, abc.ABC):
+    """Shared parts: the codebook (an nn.Embedding leaf, so ZeRO-3 partitions it like any weight), flattening,
+    and a running usage count across training steps (`code_counts`, not saved with the weights).
+
+    The codebook is only ever read by calling the embedding module (`codes()`, `embed()`), never through
+    `.weight`, so that ZeRO-3's module hooks gather the partitioned parameter around each read."""
+
+    def __init__(self, config: TokenizerConfig, uniform_bound: float | None = None) -> None:
+        super().__init__()
+        self.codebook_size = config.codebook_size
+        self.code_dim = config.code_dim
+        self.beta = config.beta
+        self.entropy_temperature = config.entropy_temperature
+        self.use_entropy = config.loss.entropy_weight > 0
+        self.embedding = Codebook(config.codebook_size, config.code_dim, uniform_bound)
+        self.register_buffer(
+            "code_counts", torch.zeros(config.codebook_size, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("code_ids", torch.arange(config.codebook_size), persistent=False)
+
+    def codes(self) -> torch.Tensor:
+        """The codebook as the quantizer uses it, [K, D] (differentiable)."""
+        return self.embedding(self.code_ids)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """Plain codebook lookup: indices [...] -> [..., D]."""
+        return self.embedding(indices)
+
+    def running_usage(self) -> float:
+        """Fraction of codes chosen at least once since the last `reset_usage()` (training steps only)."""
+        return (self.code_counts > 0).float().mean().item()
+
+    def reset_usage(self) -> None:
+        self.code_counts.zero_()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z.shape
+        if d != self.code_dim:
+            raise ValueError(
+                f"quantizer input has {d} channels, expected code_dim={self.code_dim} (z [B, D, h, w])"
+            )
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        z_q, indices, losses = self.quantize(z_flat)
+        if self.training:
+            with torch.no_grad():
+                self.code_counts += torch.bincount(indices, minlength=self.codebook_size)
+        return QuantizerOutput(
+            quantized=z_q.reshape(b, h, w, d).permute(0, 3, 1, 2),
+            indices=indices.reshape(b, h, w),
+            losses=losses,
+            stats=usage_stats(indices.detach(), self.codebook_size),
+        )
+
+    @abc.abstractmethod
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z [N, D] -> (straight-through z_q [N, D], indices [N], unweighted losses)."""
+
+
+class IBQuantizer(Quantizer):
+    """Index backpropagation quantization: k* = argmax_k <z, c_k>, z_q = (H - sg(S) + S) C with S = softmax(z C^T),
+    so every code and the encoder get gradient. Losses (means over elements, beta on the codebook term):
+    L_quant = ||z_q - z||^2 + ||sg(z_q2) - z||^2 + beta ||z_q2 - sg(z)||^2 with z_q2 = H C;
+    L_entropy = mean_n H(softmax(z C^T / T)_n) - H(mean_n softmax(z C^T / T)). Codebook init N(0, 1) as in IBQ."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__(config)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        codebook = self.codes()
+        z_q, indices = ibq_straight_through(z, codebook)
+        z_q2 = F.embedding(indices, codebook)
+        quant = F.mse_loss(z_q, z) + F.mse_loss(z, z_q2.detach()) + self.beta * F.mse_loss(z_q2, z.detach())
+        if self.use_entropy:
+            entropy = codebook_entropy_loss(z, codebook, self.entropy_temperature)
+        else:
+            entropy = z.new_zeros(())
+        return z_q, indices, {"quant": quant, "entropy": entropy}
+
+
+class VectorQuantizer(Quantizer):
+    """Classic VQ-VAE: k* = argmin_k ||z - c_k||^2 = argmax_k (<z, c_k> - ||c_k||^2 / 2).
+    z_q = sg(c_k*) + (z - sg(z)): forward value exactly c_k*, gradient straight through to z.
+    L_quant = ||c_k* - sg(z)||^2 + beta ||z - sg(c_k*)||^2 (codebook + commitment): only the selected rows get
+    codebook gradient. With `vq_l2_normalize`, z and the codes are unit-normalised before the lookup.
+    L_entropy uses the logits -||z - c_k||^2 / 2 at temperature T, computed by the same kernel on the augmented
+    vectors [z, 1] and [c_k, -||c_k||^2 / 2] (the -||z||^2 / 2 term is constant per row)."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__(config, uniform_bound=1.0 / config.codebook_size)
+        self.l2_normalize = config.vq_l2_normalize
+
+    def codes(self) -> torch.Tensor:
+        codes = super().codes()
+        return F.normalize(codes, dim=-1) if self.l2_normalize else codes
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = super().embed(indices)
+        return F.normalize(codes, dim=-1) if self.l2_normalize else codes
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if self.l2_normalize:
+            z = F.normalize(z, dim=-1)
+        codebook = self.codes()
+        half_sq_norm = 0.5 * codebook.float().pow(2).sum(-1)
+        indices, _ = codebook_argmax(z.detach(), codebook.detach(), bias=-half_sq_norm.detach())
+        selected = F.embedding(indices, codebook)
+        quant = F.mse_loss(selected, z.detach()) + self.beta * F.mse_loss(z, selected.detach())
+        z_q = selected.detach() + (z - z.detach())
+        if self.use_entropy:
+            z_aug = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=-1)
+            codes_aug = torch.cat([codebook, -half_sq_norm.to(codebook.dtype)[:, None]], dim=-1)
+            entropy = codebook_entropy_loss(z_aug, codes_aug, self.entropy_temperature)
+        else:
+            entropy = z.new_zeros(())
+        return z_q, indices, {"quant": quant, "entropy": entropy}
+
+
+def build_quantizer(config: TokenizerConfig) -> Quantizer:
+    if config.quantizer == "ibq":
+        return IBQuantizer(config)
+    if config.quantizer == "vq":
+        return VectorQuantizer(config)
+    raise ValueError(f"TokenizerConfig.quantizer must be 'ibq' or 'vq', got {config.quantizer!r}")
