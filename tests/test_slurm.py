@@ -70,19 +70,35 @@ def job_info(job_id: str) -> dict[str, str]:
 def wait_for_job(job_id: str, out: Path, timeout_s: float, release_requeued: bool = False) -> dict[str, str]:
     """Poll until the job has finished (a requeued job is released from SLURM's 120 s requeue delay on the way)."""
     deadline = time.time() + timeout_s
+    held_since = None
     while time.time() < deadline:
         info = job_info(job_id)
         state = info.get("JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
         if release_requeued and state == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+            held_since = held_since or time.time()
+            # slurmd compares a relaunch's credential with the first run's revocation at 1-s resolution: a job
+            # released within the same second is killed ("Job credential revoked") and ends FAILED. SLURM's own
+            # requeue delay is 120 s; 3 s and idle nodes are enough here.
+            if time.time() - held_since > 3 and _nodes_idle():
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30
+                )
+                held_since = None
         time.sleep(0.3)
     subprocess.run(["scancel", job_id], timeout=30)
     log = out.read_text() if out.exists() else "(no output)"
     pytest.fail(
         f"job {job_id} did not finish within {timeout_s} s: {job_info(job_id).get('JobState')}\n{log[-4000:]}"
     )
+
+
+def _nodes_idle() -> bool:
+    states = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    return bool(states) and all(state == "idle" for state in states)
 
 
 def read_logs(tmp_path: Path, out: Path) -> str:
