@@ -71,7 +71,7 @@ def bench_resolution(root: Path, tokenizer, size: int, source: tuple[int, int], 
     nbytes = write_dataset(path, n, *source, seed=size)
     mb_per_sample = nbytes / n / 2**20
     dataset = ShardDataset(path)
-    rows = [(0, i) for i in range(n)]
+    rows = [(shard, i) for shard, count in enumerate(dataset.shard_rows) for i in range(count)]
     read = rate(lambda r: dataset.row(*r), rows)
     samples = [dataset.row(*r) for r in rows]
     images = [s["segments"][0]["image"] for s in samples]

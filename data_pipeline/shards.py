@@ -162,6 +162,11 @@ class ShardDataset:
         return self._open[shard]
 
     def row(self, shard: int, index: int) -> dict:
+        if not 0 <= shard < len(self.shard_rows) or not 0 <= index < self.shard_rows[shard]:
+            raise IndexError(
+                f"{self.dir}: no row ({shard}, {index}); the dataset has {len(self.shard_rows)} shards of "
+                f"{self.shard_rows} rows"
+            )
         reader, starts = self._shard(shard)
         lo, hi = 0, len(starts) - 1
         while lo < hi:

@@ -115,6 +115,18 @@ def test_corrupt_shard_is_skipped(tmp_path, tokenizer):
     assert loader.stats["skipped"]["corrupt_shard"] > 0
 
 
+def test_row_outside_the_dataset_names_the_layout(tmp_path):
+    from data_pipeline.shards import ShardDataset
+
+    write(tmp_path / "d", list(glyph_samples(np.random.default_rng(0), 24, "g")), batch_rows=4, shard_mb=0.02)
+    dataset = ShardDataset(tmp_path / "d")
+    assert len(dataset.shard_rows) >= 2
+    last = dataset.row(len(dataset.shard_rows) - 1, dataset.shard_rows[-1] - 1)
+    assert last["id"].startswith("g")
+    with pytest.raises(IndexError, match=rf"no row \(0, {dataset.shard_rows[0]}\).*shards of"):
+        dataset.row(0, dataset.shard_rows[0])
+
+
 def test_skip_rate_above_threshold_stops_with_clear_error(tmp_path, tokenizer):
     samples = [caption(f"bad{i}", b"junk") for i in range(10)] + list(
         glyph_samples(np.random.default_rng(0), 10, "g")
