@@ -44,6 +44,20 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
+def all_reduce_host(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small host (CPU) tensor in place and return it; a no-op without a process group. NCCL has no CPU
+    path, so under NCCL the values travel through the current CUDA device and are copied back."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_backend() == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=op)
+        tensor.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def _free_port() -> int:
     import socket
 

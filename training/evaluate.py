@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from modeling.tokenizer.metrics import codebook_usage, psnr, ssim
@@ -72,15 +71,15 @@ def evaluate_model(model, batches, kind: str) -> dict:
             quantized, indices, _, _ = model.tokenizer.quantize_images(images)
             recon = model.tokenizer.decode(quantized).clamp(-1, 1)
             n = images.shape[0]
-            totals["psnr_sum"] += float(psnr(recon, images)) * n
-            totals["ssim_sum"] += float(ssim(recon, images)) * n
+            totals["psnr_sum"] += float(psnr(recon.float(), images.float())) * n
+            totals["ssim_sum"] += float(ssim(recon.float(), images.float())) * n
             totals["images"] += n
             counts = torch.bincount(
-                indices.flatten(), minlength=model.tokenizer.config.codebook_size
+                indices.flatten().cpu(), minlength=model.tokenizer.config.codebook_size
             ).double()
             code_counts = counts if code_counts is None else code_counts + counts
             if first_pair is None:
-                first_pair = (images[:8].cpu(), recon[:8].cpu())
+                first_pair = (images[:8].float().cpu(), recon[:8].float().cpu())
     model.train(was_training)
     return {"totals": totals, "code_counts": code_counts, "sample": first_pair}
 
@@ -91,9 +90,11 @@ def summarize(result: dict, world_size: int = 1) -> dict[str, float]:
     vector = torch.tensor([result["totals"][k] for k in keys], dtype=torch.float64)
     counts = result["code_counts"]
     if world_size > 1:
-        dist.all_reduce(vector)
+        from training.engine import all_reduce_host
+
+        all_reduce_host(vector)
         if counts is not None:
-            dist.all_reduce(counts)
+            counts = all_reduce_host(counts.cpu())
     totals = dict(zip(keys, vector.tolist()))
     metrics: dict[str, float] = {}
     if totals["caption_tokens"]:
@@ -118,9 +119,12 @@ def codebook_usage_from_counts(counts: torch.Tensor) -> dict[str, float]:
 _EVAL_LOADERS: dict = {}
 
 
-def evaluate_during_training(model, cfg, step: int, run_log, rank: int, world_size: int) -> dict[str, float]:
-    """Periodic evaluation inside the train loop: cfg.train.eval_batches batches of the held-out set per rank,
-    reduced over ranks, logged, plus a reconstruction grid PNG (input row over reconstruction row)."""
+def evaluate_during_training(
+    model, cfg, step: int, run_log, rank: int, world_size: int, device=None, dtype=None
+) -> dict[str, float]:
+    """Periodic evaluation inside the train loop: cfg.train.eval_batches batches of the held-out set per rank
+    (moved to `device`, images cast to `dtype`: the engine's), reduced over ranks, logged, plus a reconstruction
+    grid PNG (input row over reconstruction row)."""
     from training.data import build_eval_loader
 
     key = (cfg.data.eval, rank, world_size)
@@ -128,7 +132,7 @@ def evaluate_during_training(model, cfg, step: int, run_log, rank: int, world_si
         _EVAL_LOADERS[key] = build_eval_loader(cfg, rank, world_size)
     loader = _EVAL_LOADERS[key]
     kind = cfg.stage.kind
-    batches = [_model_inputs(next(loader), kind) for _ in range(cfg.train.eval_batches)]
+    batches = [_model_inputs(next(loader), kind, device, dtype) for _ in range(cfg.train.eval_batches)]
     result = evaluate_model(model, batches, kind)
     metrics = summarize(result, world_size)
     run_log.metrics(step, metrics, postfix=False)
@@ -143,9 +147,9 @@ def evaluate_during_training(model, cfg, step: int, run_log, rank: int, world_si
     return metrics
 
 
-def _model_inputs(batch: dict, kind: str) -> dict:
+def _model_inputs(batch: dict, kind: str, device=None, dtype=None) -> dict:
     from training.stages import stage_model_inputs
 
-    inputs = stage_model_inputs(batch, kind if kind != "tokenizer" else "ett")
-    inputs["images"] = batch["images"]
+    inputs = stage_model_inputs(batch, kind if kind != "tokenizer" else "ett", device, dtype)
+    inputs.update(stage_model_inputs({"images": batch["images"]}, "tokenizer", device, dtype))
     return inputs

@@ -34,10 +34,10 @@ def ignore_further_signals() -> None:
 
 def stop_requested() -> bool:
     """True on every rank as soon as any rank received a stop signal."""
+    from training.engine import all_reduce_host
+
     flag = torch.tensor([1 if _requested["signal"] is not None else 0], dtype=torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return bool(all_reduce_host(flag, op=dist.ReduceOp.MAX).item())
 
 
 def received_signal() -> str | None:

@@ -139,8 +139,11 @@ class ReplicatedDiscriminator:
             self.update.optimizer.load_state_dict(torch.load(directory / self.OPTIMIZER, weights_only=True))
 
 
-def build_discriminator(cfg: TrainConfig, model: ETTModel) -> ReplicatedDiscriminator | None:
-    """The discriminator for stages that compute L_GAN (stage 0, and stage 2 while the tokenizer trains), else None."""
+def build_discriminator(
+    cfg: TrainConfig, model: ETTModel, device: torch.device | None = None
+) -> ReplicatedDiscriminator | None:
+    """The discriminator for stages that compute L_GAN (stage 0, and stage 2 while the tokenizer trains), else None.
+    It stays fp32 on `device` (the engine's), outside ZeRO, with its own Adam."""
     from modeling.tokenizer import PatchDiscriminator
     from training.gan_step import DiscriminatorStep
 
@@ -156,6 +159,8 @@ def build_discriminator(cfg: TrainConfig, model: ETTModel) -> ReplicatedDiscrimi
         from training.export import load_discriminator
 
         load_discriminator(discriminator, cfg.stage.init_from)
+    if device is not None:
+        discriminator.to(device)
     train = kind == "tokenizer" or cfg.model.ett.train_discriminator
     discriminator.requires_grad_(train)
     update = None
@@ -167,8 +172,12 @@ def build_discriminator(cfg: TrainConfig, model: ETTModel) -> ReplicatedDiscrimi
     return ReplicatedDiscriminator(discriminator, update)
 
 
-def stage_model_inputs(batch: dict, kind: str) -> dict:
-    """The tensors of a packed batch that the model's objective for `kind` reads."""
+def stage_model_inputs(
+    batch: dict, kind: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> dict:
+    """The tensors of a packed batch that the model's objective for `kind` reads, moved to `device` (the engine's;
+    the loader yields CPU tensors) with floating tensors (the images) cast to `dtype` (the engine's compute dtype:
+    DeepSpeed's bf16 engine holds bf16 weights and does not cast inputs). None leaves device or dtype unchanged."""
     keys = {
         "tokenizer": ("images",),
         "llm_pretrain": ("input_ids", "labels", "position_ids", "segment_ids"),
@@ -176,7 +185,13 @@ def stage_model_inputs(batch: dict, kind: str) -> dict:
         kind,
         ("input_ids", "labels", "position_ids", "segment_ids", "images", "image_mask", "image_loss_mask"),
     )
-    return {k: batch[k] for k in keys if k in batch}
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if device is None and dtype is None:
+        return inputs
+    return {
+        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
+        for k, v in inputs.items()
+    }
 
 
 def write_handoff(

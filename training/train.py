@@ -22,6 +22,7 @@ import torch.distributed as dist
 from training import checkpoint as ckpt
 from training import preemption
 from training.config import ConfigError, load_config, save_config, to_dict
+from training.engine import all_reduce_host
 from training.run_config import TrainConfig
 from training.run_log import RunLogger, get_logger
 
@@ -74,8 +75,7 @@ def _reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     if world_size == 1 or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
+    tensor = all_reduce_host(torch.tensor([values[k] for k in keys], dtype=torch.float64))
     return {k: float(v) / world_size for k, v in zip(keys, tensor.tolist())}
 
 
@@ -114,7 +114,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         write_handoff,
     )
 
-    rank, _, world_size = init_distributed()
+    rank, local_rank, world_size = init_distributed()
     log = get_logger(rank)
     run_dir = Path(cfg.train.output_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -145,7 +145,7 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         register_zero3_external_parameters(model)
     if point is None:
         load_initial_weights(model, cfg)
-    disc_state = build_discriminator(cfg, model)
+    disc_state = build_discriminator(cfg, model, _device(local_rank))
     engine, _, scheduler = build_engine(model, cfg, ds_config)
     loader = build_train_loader(cfg, rank, world_size)
 
@@ -201,13 +201,17 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         )
         log.info(f"saved checkpoint {path}")
 
+    # The loader yields CPU tensors; the engine computes on its device, in bf16 when DeepSpeed's bf16 is on.
+    input_dtype = (
+        torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    )
     engine.train()
     while step < cfg.schedule.max_steps:
         step_terms: dict[str, float] = {}
         step_samples = step_tokens = 0
         for _ in range(accum):
             batch = next(loader)
-            inputs = stage_model_inputs(batch, kind)
+            inputs = stage_model_inputs(batch, kind, engine.device, input_dtype)
             disc = disc_state.discriminator if disc_state is not None else None
             if flops_per_step is None:
                 from training.flops import count_forward_flops
@@ -232,18 +236,16 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             step_samples += int(batch.get("num_samples", 0))
             step_tokens += int(batch.get("num_tokens", 0))
         step += 1
-        totals = torch.tensor([step_samples, step_tokens], dtype=torch.int64)
-        if world_size > 1:
-            dist.all_reduce(totals)
+        totals = all_reduce_host(torch.tensor([step_samples, step_tokens], dtype=torch.int64))
         consumed_samples += int(totals[0])
         consumed_tokens += int(totals[1])
         grad_norm = engine.get_global_grad_norm()
         finite = math.isfinite(step_terms["loss/total"]) and (
             grad_norm is None or math.isfinite(float(grad_norm))
         )
-        finite_all = torch.tensor([0 if finite else 1], dtype=torch.int32)
-        if world_size > 1:
-            dist.all_reduce(finite_all, op=dist.ReduceOp.MAX)
+        finite_all = all_reduce_host(
+            torch.tensor([0 if finite else 1], dtype=torch.int32), op=dist.ReduceOp.MAX
+        )
         if int(finite_all):
             nonfinite_streak += 1
             bad_terms = [k for k, v in step_terms.items() if not math.isfinite(v)] or ["gradient norm"]
@@ -284,7 +286,9 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             from training.evaluate import evaluate_during_training
 
-            evaluate_during_training(engine.module, cfg, step, run_log, rank, world_size)
+            evaluate_during_training(
+                engine.module, cfg, step, run_log, rank, world_size, engine.device, input_dtype
+            )
             engine.train()
         if preemption.stop_requested():
             log.warning(
@@ -322,6 +326,10 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
     if dist.is_initialized():
         dist.barrier()
     return exit_code
+
+
+def _device(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _convert_to_universal(point: ckpt.ResumePoint, rank: int) -> str:

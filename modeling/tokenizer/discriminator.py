@@ -69,4 +69,4 @@ class PatchDiscriminator(nn.Module):
                 f"discriminator input has shape {list(images.shape)}, expected [B, C, H, W] with H, W >= "
                 f"{self.min_size} for disc_layers={self.n_layers}"
             )
-        return self.main(images)
+        return self.main(images.to(self.main[0].weight.dtype))

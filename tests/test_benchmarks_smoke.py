@@ -1,0 +1,70 @@
+"""Smoke tests of the benchmarks: each runs at its smallest size in a subprocess and writes its JSON. No timing
+assertions (performance targets live in the benchmarks themselves)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT, child_env
+
+
+def test_checkpoint_benchmark_small_runs(tmp_path):
+    out = tmp_path / "checkpoint.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.checkpoint", "--size", "small", "--json", str(out)],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("save_seconds", "checkpoint_bytes", "load_seconds", "export_seconds", "export_peak_rss_bytes",
+                "fp32_model_bytes", "machine", "versions", "date", "git_commit"):  # fmt: skip
+        assert key in result, key
+    assert result["machine"]["cpu_count"] >= 1 and result["versions"]["deepspeed"]
+    # The loaded checkpoint's weights (and optimizer state) are bitwise the saved ones, and the fresh engine
+    # started from different weights, so the comparison is not vacuous.
+    assert result["weights_match"] is True
+    assert result["optimizer_state_match"] is True
+    assert result["load"]["weights_differing_before_load"] > 0
+    assert result["load"]["weights_compared"] > 0 and result["load"]["rng_match"] is True
+    assert result["checkpoint_bytes"] > result["fp32_model_bytes"]
+    assert result["export"]["export_files"]["llm/model.safetensors"] > 0
+
+
+def test_train_throughput_tiny_runs(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_throughput",
+        "--config",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]
+    cmd += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["arms"]) == {"ours", "baseline"}
+    for arm in result["arms"].values():
+        assert arm["timed_steps"] == 2 and arm["tokens_per_s"] > 0 and arm["images_per_s"] > 0
+        assert arm["peak_memory_bytes"] > 0 and arm["flops_per_step"] > 0
+    assert 0 <= result["data_loading_fraction_ours"] < 1
+    # Same weights and the same first batch in both arms: the HF Trainer baseline computes the same loss.
+    assert result["same_batches"] is True
+    assert abs(result["first_loss_ours"] - result["first_loss_baseline"]) <= 1e-5
+    for key in ("device", "torch", "deepspeed", "transformers", "date", "git_commit"):
+        assert key in result["env"], key
