@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.provenance import REPO_ROOT, git
+
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 DOC = REPO_ROOT / "BENCHMARKS.md"
 BEGIN, END = "<!-- benchmarks:all:begin -->", "<!-- benchmarks:all:end -->"
@@ -69,15 +70,6 @@ def plan(quick: bool, cuda: bool) -> list[Run]:
 # running
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine() -> str:
     try:
         import torch
@@ -107,8 +99,8 @@ def run_one(run: Run) -> dict:
         "json": run.json_name,
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
         "load_average_before": list(os.getloadavg()),
     }
     if importlib.util.find_spec(run.module) is None:

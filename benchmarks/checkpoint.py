@@ -50,7 +50,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.provenance import REPO_ROOT, git
+
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "checkpoint.json"
 PROGRESS_FD_ENV = "ETT_BENCH_PROGRESS_FD"
 
@@ -414,14 +415,6 @@ def directory_bytes(path: Path) -> tuple[int, dict[str, int]]:
     return sum(files.values()), files
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def machine_info() -> dict:
     uname = platform.uname()
     info = {
@@ -502,8 +495,8 @@ def run_benchmark(size: str, work: Path, max_shard_size: str, save_repeats: int)
         "benchmark": "checkpoint",
         "size": size,
         "date": started.isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "machine": machine,
         "versions": versions(),
         "setup": {

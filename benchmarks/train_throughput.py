@@ -76,7 +76,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.provenance import REPO_ROOT, git
+
 DEFAULT_JSON = "benchmarks/results/train_throughput.json"
 
 # Stage-2 ETT sections; data paths and output_dir are filled in at run time.
@@ -539,15 +540,6 @@ def summarize(raw: dict, warmup: int, steps: int) -> dict:
     }
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def device_name() -> str:
     import torch
 
@@ -575,7 +567,7 @@ def environment() -> dict:
         accelerate_version = accelerate.__version__
     except ImportError:
         accelerate_version = None
-    status = _git("status", "--porcelain")
+    status = git("status", "--porcelain")
     return {
         "device": device_name(),
         "cuda": torch.cuda.is_available(),
@@ -585,7 +577,7 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "accelerate": accelerate_version,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "load_average": list(os.getloadavg()),
         "torch_threads": torch.get_num_threads(),

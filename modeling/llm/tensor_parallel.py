@@ -215,6 +215,10 @@ class NormalInitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
     def reset_parameters(self) -> None:
+        # Built on meta to take weights by assignment: nothing to initialise (and normal_ on meta imports
+        # torch._dynamo, ~1 s per process).
+        if self.weight.is_meta:
+            return
         nn.init.normal_(self.weight, std=self.init_std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -228,4 +232,6 @@ class NormalInitEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
         nn.init.normal_(self.weight, std=self.init_std)

@@ -45,6 +45,8 @@ class Codebook(nn.Embedding):
         super().__init__(num_codes, code_dim)
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # built on meta to take weights by assignment: nothing to initialise
+            return
         if self.uniform_bound is None:
             nn.init.normal_(self.weight)
         else:

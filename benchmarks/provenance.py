@@ -1,0 +1,17 @@
+"""Where a benchmark result comes from: the repository root and the git commit the numbers were measured at."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git(*args: str) -> str | None:
+    """`git ARGS` in the repository: its stripped stdout, or None when git is missing or fails."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
