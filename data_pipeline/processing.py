@@ -88,7 +88,7 @@ def decode_image(data: bytes, size: tuple[int, int], resize: str = "center_crop"
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         else:
             image.draft("RGB", (width, height))
-        pixels = np.array(image.convert("RGB"))
+        pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # no extra copy for RGB
     except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
         raise SkipSample("undecodable_image", f"{type(err).__name__}: {err}") from err
     if resize == "center_crop":
