@@ -26,6 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+try:
+    import simplejpeg
+except ImportError:  # optional speed-up (requirements.txt installs it); PIL decodes JPEGs to the same pixels
+    simplejpeg = None
+
 from data_pipeline.text_tokenizer import TextTokenizer
 
 IGNORE = -100
@@ -78,17 +83,20 @@ class ProcessedSample:
 
 def decode_image(data: bytes, size: tuple[int, int], resize: str = "center_crop") -> np.ndarray:
     """Encoded bytes -> RGB uint8 [3, H, W]: centre crop to the target aspect (or stretch), then antialiased
-    bilinear resize. JPEGs are decoded at a reduced DCT scale when the target is at most half the size (PIL draft
-    mode); the resize runs in torch's uint8 channels-last kernel (about 3x faster than PIL's on one core)."""
+    bilinear resize. JPEGs are decoded at a reduced DCT scale (1/2, 1/4, 1/8) when the target is at most that size,
+    as PIL's draft mode does; the resize runs in torch's uint8 channels-last kernel (about 3x faster than PIL's)."""
     height, width = size
     try:
         image = Image.open(io.BytesIO(data))
         if resize == "center_crop":
             scale = width / min(image.width, image.height * width / height)
-            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+            needed = (math.ceil(image.width * scale), math.ceil(image.height * scale))
         else:
-            image.draft("RGB", (width, height))
-        pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # no extra copy for RGB
+            needed = (width, height)
+        pixels = _jpeg_rgb(data, image, needed) if image.format == "JPEG" else None
+        if pixels is None:
+            image.draft("RGB", needed)
+            pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))
     except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
         raise SkipSample("undecodable_image", f"{type(err).__name__}: {err}") from err
     if resize == "center_crop":
@@ -101,6 +109,26 @@ def decode_image(data: bytes, size: tuple[int, int], resize: str = "center_crop"
     if chw.shape[1:] != (height, width):
         chw = F.interpolate(chw[None], size=(height, width), mode="bilinear", antialias=True)[0]
     return chw.contiguous().numpy()
+
+
+def _jpeg_rgb(data: bytes, image: Image.Image, needed: tuple[int, int]) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo through simplejpeg (~1.6x faster than PIL on one core, the same pixels: same
+    library, same scaled IDCT as PIL's draft), at the largest power-of-two reduction that keeps `needed` (w, h).
+    None when simplejpeg is missing or refuses the file (e.g. CMYK); PIL then decodes it."""
+    if simplejpeg is None:
+        return None
+    factor = 8
+    while factor > 1 and (image.width // factor < needed[0] or image.height // factor < needed[1]):
+        factor //= 2
+    try:
+        return simplejpeg.decode_jpeg(
+            data,
+            "RGB",
+            min_height=math.ceil(image.height / factor),
+            min_width=math.ceil(image.width / factor),
+        )
+    except ValueError:
+        return None
 
 
 class SampleProcessor:

@@ -154,3 +154,24 @@ def test_packed_batch_matches_naive_concatenation(tok):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible by downsample"):
         ProcessConfig(image_size=(20, 16), downsample=8)
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "mode"),
+    [((500, 375), (256, 256), "RGB"), ((1100, 700), (64, 96), "RGB"), ((640, 480), (128, 128), "L")],
+)
+def test_fast_jpeg_decode_gives_pils_pixels(monkeypatch, source, target, mode):
+    """The simplejpeg path (libjpeg-turbo, reduced DCT scale for small targets) gives exactly the pixels of the PIL
+    path, draft mode included (the second case decodes at 1/8 scale, the third is a grayscale JPEG)."""
+    from data_pipeline import processing
+
+    pytest.importorskip("simplejpeg")
+    rng = np.random.default_rng(source[0])
+    coarse = Image.fromarray(rng.integers(0, 255, (9, 12, 3), dtype=np.uint8)).resize(source, Image.BICUBIC)
+    buf = io.BytesIO()
+    coarse.convert(mode).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    fast = processing.decode_image(data, target)
+    monkeypatch.setattr(processing, "simplejpeg", None)
+    assert np.array_equal(fast, processing.decode_image(data, target))
+    assert fast.shape == (3, *target)
