@@ -20,14 +20,13 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.provenance import REPO_ROOT, git
+from benchmarks.provenance import REPO_ROOT, cpu_model, git
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 DOC = REPO_ROOT / "BENCHMARKS.md"
@@ -78,15 +77,7 @@ def machine() -> str:
             return f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPU cores"
     except ImportError:
         pass
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model() or 'CPU'}, {os.cpu_count()} cores"
 
 
 def run_one(run: Run) -> dict:

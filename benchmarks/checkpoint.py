@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.provenance import REPO_ROOT, git
+from benchmarks.provenance import REPO_ROOT, cpu_model, git
 
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "checkpoint.json"
 PROGRESS_FD_ENV = "ETT_BENCH_PROGRESS_FD"
@@ -183,34 +183,15 @@ def parameter_counts(model) -> dict[str, int]:
 
 
 def build_stage(cfg, seed: int):
-    """What training/train.py's run_stage builds before its loop (fresh start): engine, loader, discriminator."""
-    from training.data import build_train_loader
-    from training.engine import (
-        build_ds_config,
-        build_engine,
-        init_distributed,
-        model_init_context,
-        zero_stage,
-    )
-    from training.stages import (
-        build_discriminator,
-        build_model,
-        load_initial_weights,
-        register_zero3_external_parameters,
-    )
-    from training.train import seed_all
+    """What training/train.py's run_stage builds before its loop (fresh start), from `seed`."""
+    from training.engine import build_ds_config, init_distributed
+    from training.train import build_stage as build_training_stage
 
-    rank, _, world_size = init_distributed()
+    rank, local_rank, world_size = init_distributed()
     ds_config = build_ds_config(cfg, world_size)
-    seed_all(seed)
-    with model_init_context(ds_config):
-        model = build_model(cfg)
-    if zero_stage(ds_config) == 3:
-        register_zero3_external_parameters(model)
-    load_initial_weights(model, cfg)
-    disc_state = build_discriminator(cfg, model)
-    engine, _, scheduler = build_engine(model, cfg, ds_config)
-    loader = build_train_loader(cfg, rank, world_size)
+    engine, scheduler, loader, disc_state = build_training_stage(
+        cfg, ds_config, rank, local_rank, world_size, seed=seed
+    )
     return rank, world_size, engine, scheduler, loader, disc_state
 
 
@@ -423,11 +404,8 @@ def machine_info() -> dict:
         "uname": f"{uname.system} {uname.node} {uname.release} {uname.version} {uname.machine}",
         "python": platform.python_version(),
     }
+    info["cpu_model"] = cpu_model()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
         info["memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         info["load_average_at_start"] = list(os.getloadavg())
     except (OSError, ValueError):

@@ -76,7 +76,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.provenance import REPO_ROOT, git
+from benchmarks.provenance import REPO_ROOT, cpu_model, git
 
 DEFAULT_JSON = "benchmarks/results/train_throughput.json"
 
@@ -545,15 +545,7 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{cpu_model() or 'CPU'} ({os.cpu_count()} cores)"
 
 
 def environment() -> dict:

@@ -96,23 +96,43 @@ def main(argv=None) -> int:
         return 3
 
 
-def run_stage(cfg: TrainConfig, resume: str) -> int:
+def build_stage(
+    cfg: TrainConfig,
+    ds_config: dict,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    fresh: bool = True,
+    seed: int | None = None,
+):
+    """What a stage trains with, built as every run builds it: the model (seeded with `seed`, default
+    cfg.train.seed; under zero.Init for ZeRO-3, external parameters registered; the stage's initial weights when
+    `fresh`, i.e. no checkpoint will be loaded), the discriminator, the DeepSpeed engine and the data loader.
+    Returns (engine, scheduler, loader, discriminator state or None)."""
     from training.data import build_train_loader
-    from training.engine import (
-        build_ds_config,
-        build_engine,
-        init_distributed,
-        model_init_context,
-        zero_stage,
-    )
+    from training.engine import build_engine, model_init_context, zero_stage
     from training.stages import (
         build_discriminator,
         build_model,
         load_initial_weights,
         register_zero3_external_parameters,
-        stage_model_inputs,
-        write_handoff,
     )
+
+    seed_all(cfg.train.seed if seed is None else seed)
+    with model_init_context(ds_config):
+        model = build_model(cfg)
+    if zero_stage(ds_config) == 3:
+        register_zero3_external_parameters(model)
+    if fresh:
+        load_initial_weights(model, cfg)
+    disc_state = build_discriminator(cfg, model, _device(local_rank))
+    engine, _, scheduler = build_engine(model, cfg, ds_config)
+    return engine, scheduler, build_train_loader(cfg, rank, world_size), disc_state
+
+
+def run_stage(cfg: TrainConfig, resume: str) -> int:
+    from training.engine import build_ds_config, init_distributed
+    from training.stages import stage_model_inputs, write_handoff
 
     rank, local_rank, world_size = init_distributed()
     log = get_logger(rank)
@@ -137,17 +157,9 @@ def run_stage(cfg: TrainConfig, resume: str) -> int:
             f"DeepSpeed's universal checkpoint ({load_tag})"
         )
     ds_config = build_ds_config(cfg, world_size, load_universal=world_changed)
-
-    seed_all(cfg.train.seed)
-    with model_init_context(ds_config):
-        model = build_model(cfg)
-    if zero_stage(ds_config) == 3:
-        register_zero3_external_parameters(model)
-    if point is None:
-        load_initial_weights(model, cfg)
-    disc_state = build_discriminator(cfg, model, _device(local_rank))
-    engine, _, scheduler = build_engine(model, cfg, ds_config)
-    loader = build_train_loader(cfg, rank, world_size)
+    engine, scheduler, loader, disc_state = build_stage(
+        cfg, ds_config, rank, local_rank, world_size, fresh=point is None
+    )
 
     step, consumed_samples, consumed_tokens = 0, 0, 0
     if point is not None:
