@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.layers import NormalInitEmbedding, NormalInitLinear
 from modeling.llm import DecoderLM, LLMConfig
 from modeling.projector import Projector, ProjectorConfig
 from modeling.tokenizer import TokenizerConfig, TokenizerOutput, VQLoss, VQTokenizer
@@ -80,11 +81,9 @@ class ETTModel(nn.Module):
         if ett_config.visual_input == "embedding":
             self.projector = Projector(projector_config, code_dim, hidden)
         else:
-            self.index_embedding = nn.Embedding(codes, hidden)
-            nn.init.normal_(self.index_embedding.weight, std=llm_config.init_std)
+            self.index_embedding = NormalInitEmbedding(codes, hidden, llm_config.init_std)
         if ett_config.visual_head:
-            self.visual_head = nn.Linear(hidden, codes, bias=False)
-            nn.init.normal_(self.visual_head.weight, std=llm_config.init_std)
+            self.visual_head = NormalInitLinear(hidden, codes, False, llm_config.init_std)
 
     # ---- visual path -------------------------------------------------------------------------------------------
     def image_embeddings(self, images: torch.Tensor, with_tokenizer_terms: bool):

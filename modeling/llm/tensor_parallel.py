@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from modeling.layers import NormalInitEmbedding, NormalInitLinear
+
 from modeling.llm.config import LLMConfig
 
 # Name suffix -> (partition dim, stride) of tensors that are split across tensor-parallel ranks; every other
@@ -204,34 +206,3 @@ def build_output_layer(config: LLMConfig) -> nn.Module | None:
         gather_output=True,
         skip_weight_param_allocation=config.tie_embeddings,
     )
-
-
-class NormalInitLinear(nn.Linear):
-    """nn.Linear initialised N(0, init_std), bias 0, inside `reset_parameters`, i.e. during construction, so the
-    init also holds under DeepSpeed's zero.Init (which partitions parameters as each module is built)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, init_std: float) -> None:
-        self.init_std = init_std
-        super().__init__(in_features, out_features, bias=bias)
-
-    def reset_parameters(self) -> None:
-        # Built on meta to take weights by assignment: nothing to initialise (and normal_ on meta imports
-        # torch._dynamo, ~1 s per process).
-        if self.weight.is_meta:
-            return
-        nn.init.normal_(self.weight, std=self.init_std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-class NormalInitEmbedding(nn.Embedding):
-    """nn.Embedding initialised N(0, init_std) during construction (see NormalInitLinear)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float) -> None:
-        self.init_std = init_std
-        super().__init__(num_embeddings, embedding_dim)
-
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        nn.init.normal_(self.weight, std=self.init_std)
