@@ -216,11 +216,29 @@ def test_bad_inputs_raise_clear_errors():
         _model(attention_backend="flash")(input_ids=ids)
 
 
+def test_varlen_layout_covers_the_same_pairs_as_the_block_mask():
+    """The cu_seqlens of the CUDA varlen path, expanded to a dense causal mask over the flattened tokens, equal the
+    block-diagonal causal bool mask that SDPA gets on CPU (padding runs included)."""
+    from modeling.llm.attention import AttentionMask
+
+    segment_ids = torch.tensor([[1] * 5 + [2] * 3 + [3] * 4, [1] * 9 + [0] * 3, [4] * 12])
+    batch, seq_len = segment_ids.shape
+    block = AttentionMask.build("sdpa", batch, seq_len, 0, segment_ids, torch.device("cpu"), torch.float32).mask
+    reference = torch.block_diag(*block[:, 0])
+    varlen = AttentionMask.packed("torch", batch, seq_len, segment_ids, torch.device("cpu"))
+    lengths = varlen.cu_seqlens.diff().tolist()
+    from_varlen = torch.block_diag(*(torch.ones(n, n, dtype=torch.bool).tril() for n in lengths))
+    assert varlen.cu_seqlens[-1] == batch * seq_len and varlen.max_seqlen == max(lengths)
+    assert torch.equal(from_varlen, reference)
+
+
 @pytest.mark.gpu
-def test_flash_attention_varlen_matches_sdpa(seed_everything):
-    pytest.importorskip("flash_attn")
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_varlen_attention_matches_sdpa(seed_everything, backend):
+    if backend == "flash":
+        pytest.importorskip("flash_attn")
     model = _model(attention_backend="sdpa").cuda().to(torch.bfloat16)
-    flash = _model(attention_backend="flash").cuda().to(torch.bfloat16)
+    flash = _model(attention_backend=backend).cuda().to(torch.bfloat16)
     flash.load_state_dict(model.state_dict())
     input_ids = torch.randint(0, VOCAB, (2, 12), device="cuda")
     segment_ids = torch.tensor([[1] * 5 + [2] * 3 + [3] * 4, [1] * 9 + [0] * 3], device="cuda")

@@ -5,8 +5,9 @@ query heads, 1 key head, 1 value head], each `head_dim` wide. Query head h uses 
 h // (num_heads / num_kv_heads), as in transformers' `repeat_kv`.
 
 Packed rows: `segment_ids` [B, S] label each position with its sample (0 = padding); a sample is a contiguous run
-of equal ids. Attention stays inside a run and is causal: SDPA gets a block-diagonal causal bool mask, the
-flash-attn path gets the runs as varlen `cu_seqlens`. Both give the same result.
+of equal ids. Attention stays inside a run and is causal: on CPU (and in fp32) SDPA gets a block-diagonal causal
+bool mask; on CUDA in bf16/fp16 a varlen kernel (flash-attn when installed, else torch's
+`torch.nn.attention.varlen`) gets the runs as `cu_seqlens`. All give the same result.
 """
 
 from __future__ import annotations
@@ -69,15 +70,24 @@ def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     return index - run_start
 
 
+@functools.cache
+def torch_varlen_available() -> bool:
+    """torch's own varlen flash attention (`torch.nn.attention.varlen`, torch >= 2.10; CUDA only)."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
 @dataclass
 class AttentionMask:
     """How a forward attends, computed once per forward and shared by all layers.
 
-    sdpa: `mask` is a bool [B, 1, S_q, S_k] (True = attend) or None with `is_causal`. flash: `cu_seqlens` int32
-    [num_runs + 1] over the flattened B*S tokens and `max_seqlen`.
+    `varlen` None: SDPA, with `mask` a bool [B, 1, S_q, S_k] (True = attend) or None with `is_causal`.
+    `varlen` "flash_attn" or "torch": one varlen kernel call over the flattened B*S tokens, each contiguous run of
+    equal segment ids (each row, without segment ids) one causal sequence: `cu_seqlens` int32 [num_runs + 1] and
+    `max_seqlen`. On CUDA this replaces the bool block mask, which sends SDPA to its math kernel (fp32 S x S
+    scores per head).
     """
 
-    use_flash: bool
+    varlen: str | None = None
     mask: torch.Tensor | None = None
     is_causal: bool = False
     cu_seqlens: torch.Tensor | None = None
@@ -94,36 +104,56 @@ class AttentionMask:
         device: torch.device,
         dtype: torch.dtype,
     ) -> AttentionMask:
-        use_flash = _use_flash(backend, device, dtype, past_len)
-        if use_flash:
-            if segment_ids is None:
-                runs = torch.arange(batch, device=device)[:, None].expand(batch, q_len)
-            else:
-                runs = segment_runs(segment_ids) + torch.arange(batch, device=device)[:, None] * (q_len + 1)
-            _, lengths = torch.unique_consecutive(runs.reshape(-1), return_counts=True)
-            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-            return cls(use_flash=True, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+        varlen = _varlen_kernel(backend, device, dtype, past_len)
+        if varlen is not None:
+            return cls.packed(varlen, batch, q_len, segment_ids, device)
         if segment_ids is not None:
             runs = segment_runs(segment_ids)
             causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-            return cls(use_flash=False, mask=((runs[:, :, None] == runs[:, None, :]) & causal)[:, None])
+            return cls(mask=((runs[:, :, None] == runs[:, None, :]) & causal)[:, None])
         if past_len == 0:
-            return cls(use_flash=False, is_causal=q_len > 1)
+            return cls(is_causal=q_len > 1)
         if q_len == 1:
-            return cls(use_flash=False)
+            return cls()
         causal = torch.ones(q_len, past_len + q_len, dtype=torch.bool, device=device).tril(diagonal=past_len)
-        return cls(use_flash=False, mask=causal[None, None])
+        return cls(mask=causal[None, None])
+
+    @classmethod
+    def packed(
+        cls, varlen: str, batch: int, q_len: int, segment_ids: torch.Tensor | None, device: torch.device
+    ) -> AttentionMask:
+        """The varlen layout: cumulative run lengths over the flattened [B * S] tokens."""
+        if segment_ids is None:
+            runs = torch.arange(batch, device=device)[:, None].expand(batch, q_len)
+        else:
+            runs = segment_runs(segment_ids) + torch.arange(batch, device=device)[:, None] * (q_len + 1)
+        _, lengths = torch.unique_consecutive(runs.reshape(-1), return_counts=True)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(varlen=varlen, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
 
 
-def _use_flash(backend: str, device: torch.device, dtype: torch.dtype, past_len: int) -> bool:
-    usable = flash_attn_available() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    if backend == "flash" and past_len == 0 and not usable:
+def _varlen_kernel(backend: str, device: torch.device, dtype: torch.dtype, past_len: int) -> str | None:
+    """'flash_attn', 'torch' or None (SDPA). `auto` takes flash-attn when installed, else torch's varlen kernel,
+    on CUDA in fp16/bf16 without a KV cache; SDPA everywhere else (CPU, fp32, generation with a cache)."""
+    on_gpu = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if backend == "flash" and past_len == 0 and not (flash_attn_available() and on_gpu):
         raise ValueError(
             "attention_backend='flash' needs the flash_attn package, CUDA tensors and fp16/bf16; got "
             f"flash_attn installed={flash_attn_available()}, device={device.type}, dtype={dtype}. "
-            "Use attention_backend='auto' or 'sdpa'."
+            "Use attention_backend='auto', 'varlen' or 'sdpa'."
         )
-    return backend in ("flash", "auto") and usable and past_len == 0
+    if backend == "varlen" and past_len == 0 and not (torch_varlen_available() and on_gpu):
+        raise ValueError(
+            "attention_backend='varlen' needs torch.nn.attention.varlen (torch >= 2.10), CUDA tensors and "
+            f"fp16/bf16; got device={device.type}, dtype={dtype}. Use attention_backend='auto' or 'sdpa'."
+        )
+    if past_len or not on_gpu or backend == "sdpa":
+        return None
+    if backend in ("flash", "auto") and flash_attn_available():
+        return "flash_attn"
+    if backend in ("varlen", "auto") and torch_varlen_available():
+        return "torch"
+    return None
 
 
 class KVCache:
@@ -176,8 +206,8 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
-        if attention_mask.use_flash:
-            out = self._flash(q, k, v, attention_mask)
+        if attention_mask.varlen is not None:
+            out = self._varlen(q, k, v, attention_mask)
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -189,15 +219,30 @@ class SelfAttention(nn.Module):
             ).transpose(1, 2)
         return self.linear_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    @staticmethod
-    def _flash(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: AttentionMask
+    def _varlen(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: AttentionMask
     ) -> torch.Tensor:
-        """flash-attn varlen over the flattened tokens: [B, H, S, D] -> [B, S, H, D]."""
-        from flash_attn import flash_attn_varlen_func
-
+        """Causal varlen attention over the flattened tokens (flash-attn or torch's kernel): [B, H, S, D] ->
+        [B, S, H, D]."""
         batch, num_heads, seq_len, head_dim = q.shape
         q, k, v = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], head_dim) for t in (q, k, v))
         cu, max_len = attention_mask.cu_seqlens, attention_mask.max_seqlen
-        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        if attention_mask.varlen == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+
+            out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            out = varlen_attn(
+                q,
+                k,
+                v,
+                cu,
+                cu,
+                max_len,
+                max_len,
+                window_size=(-1, 0),
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
         return out.view(batch, seq_len, num_heads, head_dim)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-AttentionBackend = Literal["auto", "sdpa", "flash"]
+AttentionBackend = Literal["auto", "sdpa", "flash", "varlen"]
 
 
 @dataclass
@@ -17,8 +17,9 @@ class LLMConfig:
     RMSNorm -> SwiGLU MLP with fused gate/up), final RMSNorm, LM head (tied to the embedding or not).
 
     `num_kv_heads` = `num_heads` is multi-head attention, fewer is grouped-query attention (Megatron's
-    `num_query_groups`). `attention_backend`: "sdpa" (torch), "flash" (flash-attn varlen; CUDA and fp16/bf16
-    only), "auto" (flash when usable, else sdpa). `tensor_parallel_size` > 1 builds megatron-core
+    `num_query_groups`). `attention_backend`: "sdpa" (torch SDPA with a block mask), "flash" (flash-attn
+    varlen), "varlen" (torch's varlen flash kernel), both CUDA and fp16/bf16 only; "auto" (flash-attn when
+    installed, else torch's varlen kernel, on CUDA in fp16/bf16; SDPA otherwise). `tensor_parallel_size` > 1 builds megatron-core
     tensor-parallel layers (see modeling/llm/tensor_parallel.py for what is supported).
     """
 
@@ -69,9 +70,10 @@ class LLMConfig:
             raise ValueError(
                 f"LLMConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
-        if self.attention_backend not in ("auto", "sdpa", "flash"):
+        if self.attention_backend not in ("auto", "sdpa", "flash", "varlen"):
             raise ValueError(
-                f"LLMConfig.attention_backend must be 'auto', 'sdpa' or 'flash', got {self.attention_backend!r}"
+                "LLMConfig.attention_backend must be 'auto', 'sdpa', 'flash' or 'varlen', got "
+                f"{self.attention_backend!r}"
             )
         tp = self.tensor_parallel_size
         if tp < 1:

@@ -28,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling.layers import NormalInitEmbedding, NormalInitLinear
-
 from modeling.llm.config import LLMConfig
 
 # Name suffix -> (partition dim, stride) of tensors that are split across tensor-parallel ranks; every other
