@@ -61,6 +61,7 @@ class LoaderConfig:
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 200
     prefetch_factor: int = 8
+    pin_memory: bool = False
 
 
 @dataclass
@@ -184,13 +185,18 @@ class StreamingLoader:
                 continue
             if rows is not None:
                 self.last_batch_keys = [key for row in rows for key, _ in row]
-                return collate_rows(
+                batch = collate_rows(
                     rows,
                     self.cfg.seq_len,
                     self.tokenizer.pad_id,
                     self.tokenizer.image_placeholder_id,
                     self.cfg.image_size,
                 )
+                if self.cfg.pin_memory:
+                    batch = {
+                        k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                    }
+                return batch
 
     def _count_skip(self, item: _Item) -> None:
         if self.skips[item.skip] == 0:

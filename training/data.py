@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from data_pipeline.loader import LoaderConfig, StreamingLoader
 from data_pipeline.loader import build_train_loader as build_streaming_loader
 from data_pipeline.text_tokenizer import TextTokenizer
@@ -40,6 +42,7 @@ def loader_config(
         micro_batch_size=cfg.train.micro_batch_size,
         caption_dropout=cfg.data.caption_dropout,
         max_skip_fraction=cfg.data.max_skip_fraction,
+        pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -4,8 +4,9 @@ One engine per stage (DESIGN.md decision 2): the trainable set is fixed before `
 builds its flat fp32 partitions only for parameters that require grad at that moment (flipping `requires_grad` on a
 live engine is a silent no-op, research/feasibility_cpu.md §3).
 
-The optimizer is torch AdamW handed to DeepSpeed as a client optimizer: it resumes bit for bit, unlike DeepSpeed's
-FusedAdam/CPUAdam whose bias-correction product is recomputed differently after a load (feasibility_cpu.md §2).
+The optimizer is torch AdamW handed to DeepSpeed as a client optimizer (its fused multi-tensor kernel on CUDA): it
+resumes bit for bit, unlike DeepSpeed's FusedAdam/CPUAdam, which recompute the bias-correction product differently
+after a load.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict):
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
+        fused=torch.cuda.is_available(),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(

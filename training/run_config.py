@@ -114,9 +114,13 @@ class CheckpointConfig:
 
 @dataclass
 class DeepSpeedSection:
+    """Fills the "auto" fields of the DeepSpeed JSON. `param_persistence_threshold`: ZeRO-3 keeps parameters with
+    fewer elements than this unpartitioned on every rank (norms, biases, small convolutions), so they are not
+    fetched on every call; DeepSpeed's own default, 100,000."""
+
     config: str = "ds_configs/zero3.json"
     zero_stage: int | None = None
-    param_persistence_threshold: int = 0
+    param_persistence_threshold: int = 100_000
     reduce_bucket_size: int = 50_000_000
 
 

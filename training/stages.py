@@ -189,7 +189,11 @@ def stage_model_inputs(
     if device is None and dtype is None:
         return inputs
     return {
-        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
+        k: v.to(
+            device=device,
+            dtype=dtype if dtype is not None and v.is_floating_point() else None,
+            non_blocking=v.is_pinned(),
+        )
         for k, v in inputs.items()
     }
 
