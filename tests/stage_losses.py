@@ -53,10 +53,11 @@ def chain(runs: dict[str, Path]) -> list[tuple[str, str, dict]]:
 
 
 def loss_terms(run_dir: Path) -> list[dict[str, float]]:
-    """Every `loss/*` value of every logged step, from the run's metrics.jsonl."""
+    """Every loss term (`loss/*`, the L_vq terms `vq/*`, the discriminator's `disc/*`) of every logged step, from
+    the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [
-        {k: v for k, v in row.items() if k.startswith("loss/")} | {"step": row["step"]}
+        {k: v for k, v in row.items() if k.startswith(("loss/", "vq/", "disc/"))} | {"step": row["step"]}
         for row in rows
         if "loss/total" in row
     ]
