@@ -219,6 +219,11 @@ def render_generic(data: dict) -> list[str]:
 
 
 def render_train_throughput(data: dict) -> list[str]:
+    if set(data["arms"]) != {
+        "ours",
+        "baseline",
+    }:  # `--arms ours` or `--arms baseline` (benchmarks/gpu_check.sh)
+        return render_train_throughput_one_arm(data)
     ours, base, ratios, setup = data["arms"]["ours"], data["arms"]["baseline"], data["ratios"], data["setup"]
     params = setup.get("params", {})
 
@@ -279,6 +284,30 @@ def render_train_throughput(data: dict) -> list[str]:
     else:
         lines += ["", "Targets: " + "; ".join(verdict) + ". " + checks]
     return lines
+
+
+def render_train_throughput_one_arm(data: dict) -> list[str]:
+    """A train_throughput JSON with one arm (no ratios, no cross-arm checks)."""
+    (arm, summary), setup = next(iter(data["arms"].items())), data["setup"]
+    name = {"ours": "ours", "baseline": "HF Trainer + DeepSpeed"}[arm]
+    lines = [f"Config `{data['config']}`, one arm ({name}), {setup['precision']}, micro-batch "
+             f"{setup['micro_batch_size']} x {setup['seq_len']} positions, {setup['timed_steps']} timed steps after "
+             f"{setup['warmup_steps']} warm-up; torch {data['env'].get('torch')}, deepspeed "
+             f"{data['env'].get('deepspeed')}.", ""]  # fmt: skip
+    peak = (data["env"].get("peak") or {}).get("flops_per_second")
+    rows = [
+        ["tokens/s", _num(summary["tokens_per_s"])],
+        ["images/s", _num(summary["images_per_s"])],
+        ["step time, median (ms)", _num(1e3 * summary["step_time_median_s"])],
+        [f"peak memory (MiB, {summary['memory_kind']})", _mib(summary["peak_memory_bytes"])],
+        ["TFLOP/s (training/flops.py)", _num(summary["tflops"])],
+        ["MFU" + (f" (peak {_num(peak / 1e12)} TFLOP/s)" if peak else ""),
+         "-" if summary["mfu"] is None else f"{100 * summary['mfu']:.2f}%"],
+        ["data loading, % of step time",
+         "-" if summary.get("data_loading_fraction") is None else f"{100 * summary['data_loading_fraction']:.2f}%"],
+        ["first-step loss", _num(summary["first_loss"], 6)],
+    ]  # fmt: skip
+    return lines + _table(["", name], rows)
 
 
 RENDERERS = {

@@ -1,8 +1,8 @@
 """Training throughput of our trainer against a Hugging Face Trainer + DeepSpeed ZeRO-3 baseline, same model and batches.
 
     python -m benchmarks.train_throughput [--config tiny|gpu1b] [--steps N] [--warmup N] [--repeats R]
-                                          [--json OUT] [--threads T] [section.key=value ...]
-                                          [--baseline-zero KEY=VALUE ...]
+                                          [--arms both|ours|baseline] [--json OUT] [--threads T]
+                                          [section.key=value ...] [--baseline-zero KEY=VALUE ...]
 
 Workload: a stage-2 ETT step (stage.kind=ett: tokenizer + projector + LLM all trainable, L = L_cap + 0.25 L_vq) on
 the embedded synthetic data (`data_pipeline.synthetic`, written to a temporary directory unless --data is given),
@@ -38,8 +38,10 @@ must agree (same weights, same batch), which shows the comparison is apples to a
 Reported per arm: tokens/s (non-padding sequence positions, image placeholders included, as `perf/tokens_per_s`),
 images/s, median step time, peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS of the arm's
 process), TFLOP/s and MFU from training/flops.py (forward FLOPs of the first micro-batch counted by
-FlopCounterMode, x3 for forward + backward; MFU needs a known GPU or ETT_PEAK_TFLOPS), and for ours the fraction
-of step time spent waiting for the next batch. `--repeats R` alternates the arms R times and keeps, per arm, the
+FlopCounterMode plus the Triton codebook kernels' GEMMs, x3 for forward + backward; the peak is a bf16 matmul peak
+measured once in the parent process on CUDA and handed to both arms as ETT_PEAK_TFLOPS, or ETT_PEAK_TFLOPS when
+set; on CPU MFU needs ETT_PEAK_TFLOPS), and for ours the fraction of step time spent waiting for the next batch.
+`--arms ours` (or `baseline`) runs one arm only; the ratios and cross-arm checks are then null. `--repeats R` alternates the arms R times and keeps, per arm, the
 repeat with the median tokens/s. The discriminator is off (model.tokenizer.loss.gan_weight=0: the HF baseline has
 no second optimizer step) and LPIPS is off (it needs local VGG weights); starting weights are random (a throughput
 benchmark needs no pretrained weights; TrainConfig.validate's demand for stage.init_from is the one check not run).
@@ -288,6 +290,15 @@ class StepRecorder:
         }
 
 
+def _flops_breakdown() -> dict:
+    """training.flops' breakdown of the forward count just made, without the per-call list."""
+    from training.flops import last_forward_count
+
+    count = last_forward_count() or {}
+    calls = count.pop("codebook_calls", [])
+    return {**count, "codebook_kernel_calls": len(calls)}
+
+
 def _param_counts(module) -> dict:
     def numel(p):
         return int(getattr(p, "ds_numel", p.numel()))
@@ -356,6 +367,7 @@ def run_ours(spec: dict) -> dict:
     def count_forward_flops(fn, *args, **kwargs):
         flops, out = real_count(fn, *args, **kwargs)
         recorder.fwd_flops = flops
+        info["flops_breakdown"] = _flops_breakdown()
         return flops, out
 
     class ObservedRunLogger(RunLogger):
@@ -419,6 +431,7 @@ def run_baseline(spec: dict) -> dict:
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     total = spec["warmup"] + spec["steps"]
     recorder = StepRecorder(total, accum)
+    breakdown: dict = {}
     init_distributed()  # deepspeed.init_distributed: gloo on CPU, nccl on CUDA; accelerate reuses the group
     seed_all(cfg.train.seed)
     model = build_model(cfg)
@@ -443,6 +456,7 @@ def run_baseline(spec: dict) -> dict:
             model_inputs = stage_model_inputs(inputs, "ett")
             if recorder.fwd_flops is None:
                 recorder.fwd_flops, out = count_forward_flops(model, model_inputs, kind="ett")
+                breakdown.update(_flops_breakdown())
             else:
                 out = model(model_inputs, kind="ett")
             recorder.losses.append(out.loss.detach())
@@ -491,6 +505,7 @@ def run_baseline(spec: dict) -> dict:
         "ds_config": ds_config,
         "params": _param_counts(model),
         "optim": str(getattr(args.optim, "value", args.optim)),
+        "flops_breakdown": breakdown,
     }
 
 
@@ -534,6 +549,7 @@ def summarize(raw: dict, warmup: int, steps: int) -> dict:
         "mfu": tflops * 1e12 / peak if tflops and peak else None,
         "first_loss": raw["losses"][0] if raw["losses"] else None,
         "losses": raw["losses"],
+        "flops_breakdown_first_micro_batch": raw.get("flops_breakdown"),
         "images_first_step": per_step[0]["images"],
         "images_per_step_mean": images / len(timed),
         "tokens_per_step_mean": tokens / len(timed),
@@ -574,7 +590,14 @@ def environment() -> dict:
         "load_average": list(os.getloadavg()),
         "torch_threads": torch.get_num_threads(),
         "ett_peak_tflops": os.environ.get("ETT_PEAK_TFLOPS"),
+        "peak": _peak(),
     }
+
+
+def _peak() -> dict:
+    from training.flops import peak_info
+
+    return peak_info()
 
 
 def run_arm(arm: str, spec_path: Path, out_path: Path, log_path: Path, threads: int | None) -> dict:
@@ -610,7 +633,7 @@ def _fmt(value, unit: str = "") -> str:
 
 
 def print_table(result: dict) -> None:
-    ours, base, ratio = result["arms"]["ours"], result["arms"]["baseline"], result["ratios"]
+    ours, base, ratio = result["arms"].get("ours"), result["arms"].get("baseline"), result["ratios"]
     rows = [
         ("tokens/s", "tokens_per_s", ""),
         ("images/s", "images_per_s", ""),
@@ -627,10 +650,12 @@ def print_table(result: dict) -> None:
     ratio_keys = {"tokens_per_s": "tokens_per_s", "images_per_s": "images_per_s", "peak_memory_bytes": "peak_memory", "step_time_median_s": "step_time"}  # fmt: skip
     for label, key, unit in rows:
         r = ratio.get(ratio_keys.get(key, ""), None)
-        base_value = base[key] if key != "data_loading_fraction" else None
-        print(f"{label:<26} {_fmt(ours[key], unit):>14} {_fmt(base_value, unit):>14} {_fmt(r):>14}")
-    print(f"first losses equal: {result['first_loss_match']} (|diff| {result['first_loss_abs_diff']:.2e}); "
-          f"same batches: {result['same_batches']}")  # fmt: skip
+        ours_value = ours[key] if ours else None
+        base_value = base[key] if base and key != "data_loading_fraction" else None
+        print(f"{label:<26} {_fmt(ours_value, unit):>14} {_fmt(base_value, unit):>14} {_fmt(r):>14}")
+    if result["first_loss_abs_diff"] is not None:
+        print(f"first losses equal: {result['first_loss_match']} (|diff| {result['first_loss_abs_diff']:.2e}); "
+              f"same batches: {result['same_batches']}")  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -672,6 +697,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "overrides", nargs="*", help="config overrides for both arms, e.g. data.num_workers=2"
+    )
+    parser.add_argument(
+        "--arms",
+        choices=("both", "ours", "baseline"),
+        default="both",
+        help="which arms to run (default both; one arm leaves the ratios and cross-arm checks null)",
     )
     parser.add_argument("--arm", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -723,9 +754,23 @@ def main(argv=None) -> int:
         print(f"writing synthetic data to {data_dir}", flush=True)
         write_synthetic(data_dir, seed=0, num_train=preset["num_train"], num_eval=8)
 
-    results: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    arm_names = ("ours", "baseline") if args.arms == "both" else (args.arms,)
+    if torch.cuda.is_available() and not os.environ.get("ETT_PEAK_TFLOPS"):
+        # Measure the matmul peak here, once, with the GPU idle, and hand it to both arms: an arm measuring it on
+        # its own would do so at its first metrics log, inside the timed steps.
+        from training.flops import peak_info
+
+        peak = peak_info()
+        if peak["flops_per_second"]:
+            os.environ["ETT_PEAK_TFLOPS"] = repr(peak["flops_per_second"] / 1e12)
+            print(
+                f"bf16 matmul peak ({peak['source']}): {peak['flops_per_second'] / 1e12:.1f} TFLOP/s",
+                flush=True,
+            )
+        torch.cuda.empty_cache()
+    results: dict[str, list[dict]] = {arm: [] for arm in arm_names}
     for repeat in range(args.repeats):
-        for arm in ("ours", "baseline"):
+        for arm in arm_names:
             sections = stage_sections(args.config, data_dir, workdir / f"run_{arm}_{repeat}", overrides)
             cfg = train_config(sections)
             accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -763,9 +808,15 @@ def main(argv=None) -> int:
     for runs in results.values():
         for run in runs:
             run.pop("raw", None)
-    ours, base = arms["ours"], arms["baseline"]
-    diff = abs(ours["first_loss"] - base["first_loss"])
-    same_batches = raws["ours"]["batch_hashes"] == raws["baseline"]["batch_hashes"]
+    ours, base = arms.get("ours"), arms.get("baseline")
+    both = ours is not None and base is not None
+    diff = abs(ours["first_loss"] - base["first_loss"]) if both else None
+    same_batches = raws["ours"]["batch_hashes"] == raws["baseline"]["batch_hashes"] if both else None
+    first = raws[arm_names[0]]
+
+    def ratio(key):
+        return ours[key] / base[key] if both else None
+
     result = {
         "benchmark": "train_throughput",
         "config": args.config,
@@ -777,6 +828,7 @@ def main(argv=None) -> int:
             "warmup_steps": warmup,
             "timed_steps": steps,
             "repeats": args.repeats,
+            "arms": list(arm_names),
             "precision": "bf16" if torch.cuda.is_available() else "fp32",
             "world_size": 1,
             "micro_batch_size": cfg.train.micro_batch_size,
@@ -787,13 +839,16 @@ def main(argv=None) -> int:
             "cpu_threads_per_arm": threads,
             "baseline_zero_overrides": baseline_zero,
             "log_every": cfg.train.log_every,
-            "params": raws["ours"]["params"],
+            "params": first["params"],
             "sections": stage_sections(args.config, data_dir, Path("RUN"), overrides),
-            "ds_config_ours": raws["ours"]["ds_config"],
-            "ds_config_baseline": raws["baseline"]["ds_config"],
+            "ds_config_ours": raws["ours"]["ds_config"] if "ours" in raws else None,
+            "ds_config_baseline": raws["baseline"]["ds_config"] if "baseline" in raws else None,
             "optimizer_ours": "torch.optim.AdamW (training.engine.build_engine)",
-            "optimizer_baseline": f"TrainingArguments default optim={raws['baseline']['optim']}",
-            "flops_note": "3 x forward FLOPs of the first micro-batch (training/flops.py), the same for both arms",
+            "optimizer_baseline": (
+                f"TrainingArguments default optim={raws['baseline']['optim']}" if "baseline" in raws else None
+            ),
+            "flops_note": "3 x forward FLOPs of the first micro-batch (training/flops.py: FlopCounterMode plus the "
+            "Triton codebook kernels), the same for both arms",
         },
         "arms": arms,
         "all_repeats": {
@@ -801,25 +856,29 @@ def main(argv=None) -> int:
             for arm, runs in results.items()
         },  # fmt: skip
         "ratios": {
-            "tokens_per_s": ours["tokens_per_s"] / base["tokens_per_s"],
-            "images_per_s": ours["images_per_s"] / base["images_per_s"],
-            "step_time": ours["step_time_median_s"] / base["step_time_median_s"],
-            "peak_memory": ours["peak_memory_bytes"] / base["peak_memory_bytes"],
+            "tokens_per_s": ratio("tokens_per_s"),
+            "images_per_s": ratio("images_per_s"),
+            "step_time": ratio("step_time_median_s"),
+            "peak_memory": ratio("peak_memory_bytes"),
         },
-        "first_loss_ours": ours["first_loss"],
-        "first_loss_baseline": base["first_loss"],
+        "first_loss_ours": ours["first_loss"] if ours else None,
+        "first_loss_baseline": base["first_loss"] if base else None,
         "first_loss_abs_diff": diff,
         "first_loss_match": diff
-        <= (1e-3 if torch.cuda.is_available() else 1e-5) * max(1.0, abs(base["first_loss"])),
+        <= (1e-3 if torch.cuda.is_available() else 1e-5) * max(1.0, abs(base["first_loss"]))
+        if both
+        else None,
         "same_batches": same_batches,
-        "data_loading_fraction_ours": ours["data_loading_fraction"],
+        "data_loading_fraction_ours": ours["data_loading_fraction"] if ours else None,
         "targets": {
             "throughput_ratio_min": 1.2,
-            "throughput_ratio_met": ours["tokens_per_s"] / base["tokens_per_s"] >= 1.2,
+            "throughput_ratio_met": ratio("tokens_per_s") >= 1.2 if both else None,
             "data_loading_fraction_max": 0.02,
-            "data_loading_met": ours["data_loading_fraction"] <= 0.02,
+            "data_loading_met": ours["data_loading_fraction"] <= 0.02 if ours else None,
             "mfu_min_gpu1b": 0.40,
-            "mfu_met": (ours["mfu"] >= 0.40) if ours["mfu"] is not None and args.config == "gpu1b" else None,
+            "mfu_met": (ours["mfu"] >= 0.40)
+            if ours and ours["mfu"] is not None and args.config == "gpu1b"
+            else None,
         },
         "workdir": str(workdir) if args.workdir else None,
     }
@@ -830,7 +889,7 @@ def main(argv=None) -> int:
     print(f"wrote {out}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if same_batches else 1
+    return 0 if same_batches is not False else 1
 
 
 if __name__ == "__main__":

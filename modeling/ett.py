@@ -1,54 +1,59 @@
-"""ETTModel: VQ tokenizer + projector + decoder LLM (+ visual head for generation), [ETT] §3.
+"""ETTModel: VQ tokenizer + projector + decoder LLM (+ visual head for generation), the model of ETT (Wang et al.,
+arXiv 2505.10562, §3). It returns outputs, never losses: the objectives live in training/objectives.py.
 
 Visual input (one of):
   embedding (ETT): images -> encoder -> IBQ straight-through codebook embeddings z_q -> projector -> LLM inputs.
                    The caption loss reaches the projector, the codebook (all rows, through IBQ's soft path) and
                    the encoder.
-  index (Emu3-style baseline): frozen tokenizer indices -> a new learned embedding table (K x C) -> LLM inputs.
+  index (Emu3-style baseline): frozen tokenizer indices -> a learned embedding table (K x C) -> LLM inputs.
 
-Objectives by stage kind (`forward(batch, kind=...)`):
-  tokenizer     L_vq (Eq. 1) only: stage-0 tokenizer pretraining.
-  llm_pretrain  next-token CE on text.
-  align, ett, chat_sft
-                L = L_cap + alpha * L_vq (Eq. 3); L_vq is computed only while the tokenizer trains and alpha > 0.
-  t2i           CE of the visual head over the K code ids at the image positions (the tokenizer is frozen).
-Every loss term is returned separately (detached) for logging.
+Which components exist is fixed at construction (`with_llm`, `with_tokenizer`): a tokenizer alone (stage 0), an
+LLM alone (text pretraining) or both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modeling.layers import NormalInitEmbedding, NormalInitLinear
 from modeling.llm import DecoderLM, LLMConfig
 from modeling.projector import Projector, ProjectorConfig
-from modeling.tokenizer import TokenizerConfig, TokenizerOutput, VQLoss, VQTokenizer
+from modeling.tokenizer import TokenizerConfig, TokenizerOutput, VQTokenizer
 
 
 @dataclass
 class ETTConfig:
+    """What the model is: how images enter the LLM, and whether a visual head predicts image codes (t2i)."""
+
     visual_input: Literal["embedding", "index"] = "embedding"
-    alpha: float = 0.25
-    train_tokenizer: bool = True
-    train_discriminator: bool = True
     visual_head: bool = False
+
+    # Objective and trainer options that lived here once -> where they went (the config loader says so).
+    REMOVED_OPTIONS: ClassVar[dict[str, str]] = {
+        name: f"moved to stage.{name} (an objective or trainer option, not part of the model)"
+        for name in ("alpha", "train_tokenizer", "train_discriminator")
+    }
 
 
 class ETTOutput(NamedTuple):
-    """The total loss, every term (detached, for logging), the detached reconstruction when L_vq ran (for the
-    discriminator update), and caption token accuracy counts. A NamedTuple so that DeepSpeed ZeRO-3 sees its
-    tensors."""
+    """What one forward computed; fields a forward did not compute are None. A NamedTuple so that DeepSpeed ZeRO-3
+    sees its tensors and hooks the backward pass.
 
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    reconstruction: torch.Tensor | None = None
-    token_correct: torch.Tensor | None = None
-    token_count: torch.Tensor | None = None
+    logits [B, S, V]: the LM head over every position (text inputs).
+    tokenizer: the tokenizer's output: a full forward for images alone (stage 0), or, with `reconstruct=True`,
+        the straight-through codes the LLM read, decoded again (for L_vq).
+    visual_logits [M, K], visual_targets [M]: the visual head at the positions of `image_loss_mask` and the
+        frozen tokenizer's code ids there (t2i).
+    """
+
+    logits: torch.Tensor | None = None
+    tokenizer: TokenizerOutput | None = None
+    visual_logits: torch.Tensor | None = None
+    visual_targets: torch.Tensor | None = None
 
 
 class ETTModel(nn.Module):
@@ -67,7 +72,6 @@ class ETTModel(nn.Module):
         self.config = ett_config
         if with_tokenizer:
             self.tokenizer = VQTokenizer(tokenizer_config)
-            self.vq_loss = VQLoss(tokenizer_config)
         if not with_llm:
             return
         self.llm = DecoderLM(llm_config)
@@ -86,15 +90,16 @@ class ETTModel(nn.Module):
             self.visual_head = NormalInitLinear(hidden, codes, False, llm_config.init_std)
 
     # ---- visual path -------------------------------------------------------------------------------------------
-    def image_embeddings(self, images: torch.Tensor, with_tokenizer_terms: bool):
-        """images [M, 3, H, W] -> (LLM-space embeddings [M*h*w, C] in row-major order, tokenizer output parts)."""
+    def image_embeddings(self, images: torch.Tensor, keep_codes: bool = False):
+        """images [M, 3, H, W] -> (LLM-space embeddings [M*h*w, C] in row-major order, the tokenizer's
+        (quantized, indices, quant_losses, stats) when `keep_codes` and the codes are differentiable, else None)."""
         if self.config.visual_input == "index":
             with torch.no_grad():
                 indices = self.tokenizer.encode(images)
             return self.index_embedding(indices.flatten()), None
         quantized, indices, quant_losses, stats = self.tokenizer.quantize_images(images)
         codes = quantized.permute(0, 2, 3, 1).reshape(-1, quantized.shape[1])
-        parts = (quantized, indices, quant_losses, stats) if with_tokenizer_terms else None
+        parts = (quantized, indices, quant_losses, stats) if keep_codes else None
         return self.projector(codes), parts
 
     def embed_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -116,92 +121,48 @@ class ETTModel(nn.Module):
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
-    # ---- objectives --------------------------------------------------------------------------------------------
+    # ---- forward -----------------------------------------------------------------------------------------------
     def forward(
-        self, batch: dict, kind: str = "ett", discriminator: nn.Module | None = None, step: int = 0
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_loss_mask: torch.Tensor | None = None,
+        reconstruct: bool = False,
     ) -> ETTOutput:
-        if kind == "tokenizer":
-            return self._tokenizer_objective(batch["images"], discriminator, step)
-        if kind == "llm_pretrain":
-            hidden = self.llm(
-                input_ids=batch["input_ids"],
-                position_ids=batch["position_ids"],
-                segment_ids=batch["segment_ids"],
-            )
-            return self._text_objective(hidden.logits, batch["labels"], {})
-        train_tok = self.config.train_tokenizer and kind == "ett"
-        with_vq = train_tok and self.config.alpha > 0
-        has_images = batch.get("images") is not None and batch["images"].numel() > 0
-        image_embeds, parts = self.image_embeddings(batch["images"], with_vq) if has_images else (None, None)
-        embeds = self.input_embeddings(batch["input_ids"], batch["image_mask"], image_embeds)
-        if kind == "t2i":
-            return self._t2i_objective(embeds, batch)
-        out = self.llm(
-            inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
-        )
-        terms: dict[str, torch.Tensor] = {}
-        extra = None
-        recon = None
-        if with_vq and parts is not None:
-            extra, terms, recon = self._vq_terms(batch["images"], parts, discriminator, step)
-        result = self._text_objective(out.logits, batch["labels"], terms)
-        if extra is None:
-            return result
-        result.terms["loss/vq"] = extra.detach()
-        return result._replace(loss=result.loss + self.config.alpha * extra, reconstruction=recon)
-
-    def _text_objective(self, logits, labels, terms) -> ETTOutput:
-        """Caption / LM loss, Eq. 2: mean CE over positions whose label is not -100."""
-        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != -100
-        count = valid.sum()
-        loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / count.clamp(
-            min=1
-        )
-        with torch.no_grad():
-            correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
-        terms = {"loss/caption": loss.detach(), **terms}
-        return ETTOutput(loss=loss, terms=terms, token_correct=correct, token_count=count)
-
-    def _vq_terms(self, images, parts, discriminator, step):
-        """L_vq through the decoder for the quantised images (Eq. 1)."""
+        """Packed rows (input_ids, position_ids, segment_ids [B, S]) with images [M, 3, H, W] scattered in at
+        `image_mask` [B, S]. Images alone (no input_ids): the tokenizer's forward. `image_loss_mask` [B, S]: the
+        visual head at those positions and the code ids to predict there. `reconstruct`: also decode the
+        straight-through codes the LLM read."""
+        if input_ids is None:
+            return ETTOutput(tokenizer=self.tokenizer(images))
+        if not hasattr(self, "tokenizer"):
+            logits = self.llm(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids).logits
+            return ETTOutput(logits=logits)
+        has_images = images is not None and images.numel() > 0
+        image_embeds, parts = self.image_embeddings(images, reconstruct) if has_images else (None, None)
+        embeds = self.input_embeddings(input_ids, image_mask, image_embeds)
+        if image_loss_mask is not None:
+            return self._visual_head_outputs(embeds, position_ids, segment_ids, images, image_loss_mask)
+        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids)
+        if parts is None:
+            return ETTOutput(logits=out.logits)
         quantized, indices, quant_losses, stats = parts
-        reconstruction = self.tokenizer.decode(quantized)
-        output = TokenizerOutput(reconstruction, indices, quantized, quant_losses, stats)
-        total, named = self.vq_loss.generator_loss(images, output, discriminator, step)
-        terms = {f"vq/{k}": v.detach() for k, v in named.items()}
-        for key, value in stats.items():
-            terms[f"codebook/{key}"] = torch.as_tensor(value).detach().float()
-        return total, terms, reconstruction.detach()
+        decoded = TokenizerOutput(self.tokenizer.decode(quantized), indices, quantized, quant_losses, stats)
+        return ETTOutput(logits=out.logits, tokenizer=decoded)
 
-    def _tokenizer_objective(self, images, discriminator, step) -> ETTOutput:
-        output = self.tokenizer(images)
-        total, named = self.vq_loss.generator_loss(images, output, discriminator, step)
-        terms = {"loss/vq": total.detach(), **{f"vq/{k}": v.detach() for k, v in named.items()}}
-        for key, value in output.stats.items():
-            terms[f"codebook/{key}"] = torch.as_tensor(value).detach().float()
-        return ETTOutput(loss=total, terms=terms, reconstruction=output.reconstruction.detach())
-
-    def _t2i_objective(self, embeds, batch) -> ETTOutput:
-        """Next-code CE over K at the positions that predict an image code (Emu3-style, tokenizer frozen)."""
+    def _visual_head_outputs(self, embeds, position_ids, segment_ids, images, image_loss_mask) -> ETTOutput:
+        """The visual head at the positions that predict an image code, and the frozen tokenizer's codes there."""
         with torch.no_grad():
-            targets = self.tokenizer.encode(batch["images"]).flatten()
+            targets = self.tokenizer.encode(images).flatten()
         hidden = self.llm(
-            inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
+            inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids
         ).hidden_states
-        selected = hidden[batch["image_loss_mask"]]
+        selected = hidden[image_loss_mask]
         if selected.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"image_loss_mask selects {selected.shape[0]} positions for {targets.shape[0]} image codes"
             )
-        logits = self.visual_head(selected).float()
-        loss = F.cross_entropy(logits, targets)
-        with torch.no_grad():
-            correct = (logits.argmax(-1) == targets).sum()
-        return ETTOutput(
-            loss=loss,
-            terms={"loss/t2i": loss.detach()},
-            token_correct=correct,
-            token_count=torch.tensor(targets.numel()),
-        )
+        return ETTOutput(visual_logits=self.visual_head(selected), visual_targets=targets)

@@ -43,8 +43,8 @@ def chain(runs: dict[str, Path]) -> list[tuple[str, str, dict]]:
             "ett_index",
             "ett",
             {
-                "stage": {"init_from": str(runs["align"] / "final")},
-                "model": {"ett": {"visual_input": "index", "train_tokenizer": False}},
+                "stage": {"init_from": str(runs["align"] / "final"), "train_tokenizer": False},
+                "model": {"ett": {"visual_input": "index"}},
             },
         ),
         ("chat_sft", "chat_sft", ett_from),

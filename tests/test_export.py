@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from PIL import Image
 
 from tests.conftest import run_ranks
@@ -47,6 +46,9 @@ def run(tiny_data, tmp_path_factory):
     config = write_stage_config(root / "ett.yaml", "ett", tiny_data, root / "run", **sections)
     run_ranks(2, ["--config", str(config), "--resume", "none"], root)
     export = export_checkpoint(root / "run" / "checkpoints", root / "export", max_shard_size="40KB")
+    # Imported here, not at the top, so that the suite collects without deepspeed (pytest -m gpu, bare machine).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     reference = get_fp32_state_dict_from_zero_checkpoint(str(root / "run" / "checkpoints"), tag=TAG)
     return {"root": root, "export": export, "reference": reference, "data": tiny_data}
 
@@ -267,3 +269,16 @@ def test_incomplete_or_absent_checkpoint_is_named(run, tmp_path):
         export_checkpoint(checkpoint.parent, tmp_path / "out")
     with pytest.raises(ExportError, match="no such directory"):
         export_checkpoint(tmp_path / "nope", tmp_path / "out")
+
+
+def test_run_config_of_an_older_version_with_tensor_parallel_size(tmp_path):
+    """Checkpoints and exports written before tensor parallelism was removed carry model.llm.tensor_parallel_size=1,
+    which still reads; any other value is refused naming the option."""
+    from training.export import run_config_from_dict
+
+    data = stage_config("ett", tmp_path, tmp_path / "run")
+    data["model"]["llm"]["tensor_parallel_size"] = 1
+    assert run_config_from_dict(data).model.llm.hidden_size == data["model"]["llm"]["hidden_size"]
+    data["model"]["llm"]["tensor_parallel_size"] = 2
+    with pytest.raises(ExportError, match="tensor_parallel_size: tensor parallelism was removed"):
+        run_config_from_dict(data)

@@ -1,6 +1,8 @@
 """GPU checks (`pytest -m gpu`; skipped without CUDA): the Triton codebook kernels at the paper's size against the
-chunked torch reference, a bf16 ETT training step of the real train loop on CUDA, and flash-attn against SDPA at
-Qwen-like head sizes. No timing assertions: speed is measured by benchmarks/."""
+chunked torch reference, a bf16 ZeRO-3 ETT training run of the real train loop on CUDA (skipped without
+deepspeed: benchmarks/gpu_check.sh installs it from the wheel folder), the FLOP accounting behind MFU (measured
+matmul peak, the Triton kernels' FLOPs), and flash-attn against SDPA at Qwen-like head sizes. No timing
+assertions: speed is measured by benchmarks/ (benchmarks/gpu_check.sh runs all of it)."""
 
 from __future__ import annotations
 
@@ -118,8 +120,10 @@ sys.exit(run_stage(train_config(sections), "none"))
 
 
 def test_ett_bf16_training_steps_on_cuda(tiny_data, tmp_path):
-    """The real train loop (training.train.run_stage), stage 2 on CUDA in bf16: batches go to the GPU in the
-    engine's dtype, the Triton kernels run inside the tokenizer, and the loss is finite and goes down."""
+    """The real train loop (training.train.run_stage), stage 2 on CUDA in bf16 under DeepSpeed ZeRO-3: batches go
+    to the GPU in the engine's dtype, the Triton kernels run inside the tokenizer, and the loss is finite and goes
+    down."""
+    pytest.importorskip("deepspeed", reason="needs deepspeed (benchmarks/gpu_check.sh installs gpu_wheels/)")
     out = tmp_path / "run"
     model = merge(TINY_MODEL, {"tokenizer": {"loss": {"gan_weight": 0.0}}})
     sections = {
@@ -142,6 +146,7 @@ def test_ett_bf16_training_steps_on_cuda(tiny_data, tmp_path):
             "progress": False,
         },
         "checkpoint": {"save_every": 0, "resume": "none"},
+        "deepspeed": {"zero_stage": 3},
     }
     spec = tmp_path / "sections.json"
     spec.write_text(json.dumps(sections))
@@ -160,6 +165,38 @@ def test_ett_bf16_training_steps_on_cuda(tiny_data, tmp_path):
     assert all(isinstance(x, float) and math.isfinite(x) for x in losses), losses
     assert sum(losses[-3:]) / 3 < losses[0], losses
     assert not any("skipped/nonfinite" in r for r in records)
+
+
+def test_mfu_peak_is_measured_and_triton_codebook_flops_are_counted():
+    """training.flops on CUDA: the bf16 matmul peak is measured (a plausible H100/H200-class number, below the
+    datasheet), and the forward FLOPs counted with the Triton kernels equal those counted on the torch path, where
+    FlopCounterMode sees the GEMMs itself."""
+    from modeling.kernels import codebook_entropy_loss, ibq_straight_through
+    from training import flops
+
+    flops._PEAK = None
+    info = flops.peak_info(refresh=True)
+    if info["source"] != "env":
+        assert info["source"] == "measured", info
+        assert 50e12 < info["flops_per_second"] < 2500e12, info
+    n, k, d = 4096, 16384, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = (torch.randn(n, d, device="cuda", generator=gen) * d**-0.25).to(torch.bfloat16).requires_grad_(True)
+    codebook = (
+        (torch.randn(k, d, device="cuda", generator=gen) * d**-0.25).to(torch.bfloat16).requires_grad_(True)
+    )
+
+    def forward(backend):
+        z_q, _ = ibq_straight_through(z, codebook, backend=backend)
+        return z_q.float().square().mean() + codebook_entropy_loss(z, codebook, 0.01, backend=backend)
+
+    counts = {}
+    for backend in ("torch", "triton"):
+        counts[backend], _ = flops.count_forward_flops(forward, backend)
+        counts[backend + "_breakdown"] = flops.last_forward_count()
+    assert counts["triton_breakdown"]["codebook_forward_flops"] == 8 * n * k * d
+    assert counts["torch_breakdown"]["codebook_forward_flops"] == 0
+    assert counts["triton"] == counts["torch"], counts
 
 
 def test_flash_attention_matches_sdpa_at_qwen_head_size():

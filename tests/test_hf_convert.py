@@ -1,5 +1,6 @@
-"""Weight conversion against transformers itself: HF -> ours and ours -> HF give transformers' logits and greedy
-tokens; bad checkpoints raise errors that name the file and the tensor."""
+"""Weight conversion against transformers itself: HF -> ours (`load_hf_llm`) and ours -> HF (`write_hf_llm`, the
+streaming writer that training.export uses) give transformers' logits and greedy tokens; bad checkpoints raise
+errors that name the file and the tensor."""
 
 from __future__ import annotations
 
@@ -7,11 +8,19 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from modeling.llm import DecoderLM, generate
 from training import hf_import
-from training.hf_convert import llm_config_from_hf, load_hf_llm, save_hf_llm
+from training.hf_convert import llm_config_from_hf, load_hf_llm, write_hf_llm
 
 VOCAB, PROMPT_LEN = 128, 9
 # (architecture, kv heads, tied, rope theta, how the HF directory is written)
@@ -93,25 +102,52 @@ def test_hf_roundtrip_logits_and_greedy_tokens(case, tmp_path, seed_everything):
     our_tokens = generate(ours, input_ids=input_ids, max_new_tokens=20)
     assert torch.equal(our_tokens, hf_tokens[:, PROMPT_LEN:])
 
-    save_hf_llm(ours, tmp_path / "export", max_shard_size="30KB")
-    assert (tmp_path / "export" / "model.safetensors.index.json").is_file()
+    write_hf_llm(ours.state_dict(), config, tmp_path / "export", max_shard_size="30KB")
+    index = json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert type(reloaded) is type(hf_model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, hf_logits, atol=1e-5, rtol=1e-5)
     reloaded_tokens = reloaded.generate(input_ids, max_new_tokens=20, do_sample=False, min_new_tokens=20)
     assert torch.equal(reloaded_tokens, hf_tokens)
+    again, _ = load_hf_llm(tmp_path / "export")
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
 
 
 def test_export_in_bf16_single_file(tmp_path, seed_everything):
     hf_model = _hf_model("qwen2", 2, True, 1e6)
     hf_model.save_pretrained(tmp_path / "hf")
-    ours, _ = load_hf_llm(tmp_path / "hf")
-    save_hf_llm(ours, tmp_path / "export", dtype=torch.bfloat16)
+    ours, config = load_hf_llm(tmp_path / "hf")
+    write_hf_llm(ours.state_dict(), config, tmp_path / "export", dtype=torch.bfloat16)
     assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert not (tmp_path / "export" / "model.safetensors.index.json").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.bfloat16)
     for name, param in hf_model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], param.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_export_ships_the_text_tokenizer(tmp_path, tiny_data, seed_everything):
+    """With a text tokenizer the writer copies its files and puts its special ids into config.json; a Llama-type
+    export loads through AutoTokenizer with the same encoding."""
+    from data_pipeline.text_tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.load(tiny_data / "tokenizer")
+    ours, config = load_hf_llm(_saved_hf(tmp_path, arch="llama"))
+    write_hf_llm(ours.state_dict(), config, tmp_path / "export", text_tokenizer=tokenizer)
+    hf_config = AutoConfig.from_pretrained(tmp_path / "export")
+    assert (hf_config.bos_token_id, hf_config.eos_token_id, hf_config.pad_token_id) == (
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+    )
+    text = "three red glyphs on a blue background"
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    incomplete = {k: v for k, v in ours.state_dict().items() if k != "output_layer.weight"}
+    with pytest.raises(ValueError, match=r"lack \['output_layer\.weight'\]"):
+        write_hf_llm(incomplete, config, tmp_path / "incomplete")
 
 
 def test_legacy_config_fields():
@@ -141,8 +177,8 @@ def test_legacy_config_fields():
     )
 
 
-def _saved_hf(tmp_path, **kwargs):
-    hf_model = _hf_model("qwen2", 2, False, 1e4)
+def _saved_hf(tmp_path, arch: str = "qwen2", **kwargs):
+    hf_model = _hf_model(arch, 2, False, 1e4)
     hf_model.save_pretrained(tmp_path / "hf", **kwargs)
     return tmp_path / "hf"
 

@@ -35,8 +35,11 @@ def naive_ibq(z64, codebook64):
     return (hard - soft.detach() + soft) @ codebook64
 
 
-def naive_entropy_loss(z64, codebook64, temperature):
-    logits = z64 @ codebook64.T / temperature
+def naive_entropy_loss(z64, codebook64, temperature, bias64=None):
+    logits = z64 @ codebook64.T
+    if bias64 is not None:
+        logits = logits + bias64
+    logits = logits / temperature
     probs = torch.softmax(logits, dim=1)
     sample_entropy = -(probs * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
     avg = probs.mean(dim=0)
@@ -119,6 +122,32 @@ def test_entropy_loss_matches_naive(budget, temperature):
         torch.testing.assert_close(grad.double() / scale, ref_grad / scale, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("temperature", [0.01, 1.0])
+def test_entropy_loss_with_bias_matches_naive(budget, temperature):
+    """The per-code bias (VQ's -||c||^2 / 2) enters the logits and gets its own gradient, sum_n dl_nk."""
+    z, codebook = make_inputs(*SHAPE)
+    bias = -0.5 * codebook.pow(2).sum(dim=1)
+    leaves = [t.clone().requires_grad_(True) for t in (z, codebook, bias)]
+    loss = codebook_entropy_loss(leaves[0], leaves[1], temperature, bias=leaves[2])
+    grads = torch.autograd.grad(2.0 * loss, leaves)
+
+    leaves64 = [t.double().requires_grad_(True) for t in (z, codebook, bias)]
+    ref = naive_entropy_loss(*leaves64[:2], temperature, leaves64[2])
+    ref_grads = torch.autograd.grad(2.0 * ref, leaves64)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == torch.float32
+        scale = ref_grad.abs().max()
+        torch.testing.assert_close(grad.double() / scale, ref_grad / scale, rtol=0, atol=1e-3)
+
+
+def test_entropy_loss_without_bias_is_unchanged_by_a_zero_bias(budget):
+    z, codebook = make_inputs(*SHAPE)
+    assert torch.equal(
+        codebook_entropy_loss(z, codebook), codebook_entropy_loss(z, codebook, bias=torch.zeros(SHAPE[1]))
+    )
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the largest storage produced by any aten op run under it."""
 
@@ -150,6 +179,40 @@ def test_chunked_path_stays_within_memory_budget(monkeypatch):
     with LargestAllocation() as naive_tracker:
         naive_ibq(z.detach(), codebook.detach())
     assert naive_tracker.largest >= n * k * 4
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+HOST_SYNC_OPS = {"_local_scalar_dense", "bincount", "nonzero", "unique", "_unique2", "masked_select", "item"}
+"""Ops that read a value back to the host on CUDA (.item(), int(), bool()) or whose output shape depends on data."""
+
+
+@pytest.mark.parametrize("quantizer", ["ibq", "vq"])
+def test_quantizer_training_forward_and_backward_have_no_host_sync(quantizer):
+    """The quantizer's hot path (training forward with the entropy loss, usage statistics, backward) runs no op
+    that would synchronise a CUDA stream with the host."""
+    from modeling.tokenizer.config import TokenizerConfig
+    from modeling.tokenizer.quantizers import build_quantizer
+
+    module = build_quantizer(TokenizerConfig(quantizer=quantizer, code_dim=8, codebook_size=32)).train()
+    assert module.use_entropy
+    z = torch.randn(2, 8, 3, 4, requires_grad=True)
+    with RecordOps() as recorder:
+        out = module(z)
+        (out.quantized.sum() + out.losses["quant"] + out.losses["entropy"]).backward()
+    assert set(out.stats) == {"perplexity", "usage"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.stats.values())
+    assert not recorder.ops & HOST_SYNC_OPS, sorted(recorder.ops & HOST_SYNC_OPS)
 
 
 def test_tile_sizes_respect_budget():
@@ -197,5 +260,7 @@ def test_bad_bias_and_temperature_raise():
     z, codebook = make_inputs(5, 8, 4)
     with pytest.raises(ValueError, match=r"bias must be \[K\] = \[8\]"):
         codebook_argmax(z, codebook, torch.zeros(7))
+    with pytest.raises(ValueError, match=r"bias must be \[K\] = \[8\]"):
+        codebook_entropy_loss(z, codebook, bias=torch.zeros(7))
     with pytest.raises(ValueError, match="temperature"):
         codebook_entropy_loss(z, codebook, temperature=0.0)

@@ -3,6 +3,7 @@ cache, a naive attention, the non-checkpointed model, and the SDPA path for flas
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -167,7 +168,22 @@ def test_save_and_load_our_format(tmp_path, seed_everything):
     with pytest.raises(
         ValueError, match=r"model\.safetensors: tensor embedding\.word_embeddings\.weight has shape"
     ):
-        model.load_full_state_dict(state, source=str(weights))
+        model.load_checked_state_dict(state, source=str(weights))
+
+
+def test_removed_tensor_parallel_option(tmp_path):
+    """Tensor parallelism was removed: an llm_config.json that asks for it is refused naming the option, while the
+    `tensor_parallel_size: 1` that older versions wrote (it changed nothing) still loads."""
+    model = _model()
+    model.save_pretrained(tmp_path / "llm")
+    config_path = tmp_path / "llm" / "llm_config.json"
+    data = json.loads(config_path.read_text())
+    assert "tensor_parallel_size" not in data
+    config_path.write_text(json.dumps({**data, "tensor_parallel_size": 1}))
+    assert DecoderLM.from_pretrained(tmp_path / "llm").config == model.config
+    config_path.write_text(json.dumps({**data, "tensor_parallel_size": 2}))
+    with pytest.raises(ValueError, match="tensor_parallel_size: tensor parallelism was removed"):
+        DecoderLM.from_pretrained(tmp_path / "llm")
 
 
 def test_generate_sampling_controls(seed_everything):
@@ -223,7 +239,9 @@ def test_varlen_layout_covers_the_same_pairs_as_the_block_mask():
 
     segment_ids = torch.tensor([[1] * 5 + [2] * 3 + [3] * 4, [1] * 9 + [0] * 3, [4] * 12])
     batch, seq_len = segment_ids.shape
-    block = AttentionMask.build("sdpa", batch, seq_len, 0, segment_ids, torch.device("cpu"), torch.float32).mask
+    block = AttentionMask.build(
+        "sdpa", batch, seq_len, 0, segment_ids, torch.device("cpu"), torch.float32
+    ).mask
     reference = torch.block_diag(*block[:, 0])
     varlen = AttentionMask.packed("torch", batch, seq_len, segment_ids, torch.device("cpu"))
     lengths = varlen.cu_seqlens.diff().tolist()

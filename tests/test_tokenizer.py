@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
-from scipy.ndimage import gaussian_filter
 
-from modeling.tokenizer import LPIPS, PatchDiscriminator, TokenizerConfig, VQLoss, VQLossConfig, VQTokenizer
+from modeling.tokenizer import LPIPS, PatchDiscriminator, TokenizerConfig, VQLossConfig, VQTokenizer
 from modeling.tokenizer.metrics import codebook_usage, psnr, ssim
 from modeling.tokenizer.quantizers import IBQuantizer, VectorQuantizer
+from training.objectives import VQLoss
 
 
 def tiny_config(**kw) -> TokenizerConfig:
@@ -114,11 +114,6 @@ def test_tokenizer_shapes_embed_and_usage_count(seed_everything):
     expected = codebook_usage(out.indices, cfg.codebook_size)
     assert out.stats["usage"].item() == pytest.approx(len(out.indices.unique()) / cfg.codebook_size)
     assert out.stats["perplexity"].item() == pytest.approx(expected["perplexity"])
-    # running count across steps: two training forwards (tok(images) and encode) in train mode
-    assert tok.quantizer.code_counts.sum().item() == 2 * out.indices.numel()
-    tok.eval()
-    tok(images)
-    assert tok.quantizer.code_counts.sum().item() == 2 * out.indices.numel()
 
 
 def test_bad_input_names_shape_and_expectation():
@@ -275,6 +270,8 @@ def test_psnr_and_ssim_match_independent_references(seed_everything):
     xn, yn = x.double().numpy(), y.double().numpy()
     ref_psnr = np.mean([10 * np.log10(4.0 / np.mean((a - b) ** 2)) for a, b in zip(xn, yn)])
     assert psnr(x, y).item() == pytest.approx(ref_psnr, rel=1e-5)
+
+    from scipy.ndimage import gaussian_filter  # here, not at the top: a bare GPU machine has no scipy
 
     # Wang et al. SSIM with scipy's Gaussian filter (sigma 1.5, radius 5 -> 11x11), 'valid' region only
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from tests.conftest import run_ranks
 from tests.tiny_configs import write_stage_config
@@ -19,6 +18,9 @@ def _losses(run_dir, key="loss/total"):
 
 
 def _weights(run_dir, step):
+    # Imported here, not at the top, so that the suite collects without deepspeed (pytest -m gpu, bare machine).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     root = run_dir / "checkpoints"
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=f"step{step:08d}")
 
@@ -115,6 +117,35 @@ def test_zero3_on_two_ranks_matches_one_process_without_zero(tiny_data, tmp_path
     assert sharded == pytest.approx(single, rel=1e-5, abs=1e-6)
 
 
+def test_perceptual_loss_trains_under_zero3_on_two_ranks(tiny_data, tmp_path):
+    """The paper's L_vq with LPIPS (perceptual_weight 1.0, a random local VGG16 + LPIPS file): 2-rank ZeRO-3 gives
+    the losses of one process without ZeRO. (LPIPS built inside zero.Init used to load its weights into
+    partitioned, empty parameters and fail.)"""
+    from tests.test_tokenizer import _random_lpips_file
+
+    lpips = tmp_path / "lpips.safetensors"
+    _random_lpips_file(lpips, "torchvision")
+    loss = {
+        "gan_weight": 0.0,
+        "entropy_weight": 0.0,
+        "perceptual_weight": 1.0,
+        "perceptual_weights_path": str(lpips),
+    }
+    sections = {
+        "model": {"tokenizer": {"loss": loss}},
+        "data": {"seq_len": 40},
+        "train": {"global_batch_size": 8, "micro_batch_size": 4},
+        "schedule": {"max_steps": 3},
+    }
+    z3 = write_stage_config(tmp_path / "z3.yaml", "tokenizer", tiny_data, tmp_path / "z3", **sections)
+    z0 = write_stage_config(tmp_path / "z0.yaml", "tokenizer", tiny_data, tmp_path / "z0", **sections)
+    run_ranks(2, ["--config", str(z3), "--resume", "none"], tmp_path)
+    run_ranks(1, ["--config", str(z0), "--resume", "none", "deepspeed.zero_stage=0"], tmp_path)
+    perceptual = _losses(tmp_path / "z3", "vq/perceptual")
+    assert len(perceptual) == 3 and all(v > 0 for v in perceptual)
+    assert _losses(tmp_path / "z3") == pytest.approx(_losses(tmp_path / "z0"), rel=1e-5, abs=1e-6)
+
+
 def _config_error(tmp_path, tiny_data, kind="ett", **sections):
     path = write_stage_config(tmp_path / "bad.yaml", kind, tiny_data, tmp_path / "run", **sections)
     with pytest.raises(ConfigError) as info:
@@ -125,14 +156,19 @@ def _config_error(tmp_path, tiny_data, kind="ett", **sections):
 def test_incompatible_options_fail_before_any_computation(tmp_path, tiny_data):
     handoff = {"stage": {"init_from": str(tmp_path)}}
     message = _config_error(
-        tmp_path, tiny_data, model={"ett": {"visual_input": "index", "train_tokenizer": True}}, **handoff
+        tmp_path,
+        tiny_data,
+        model={"ett": {"visual_input": "index"}},
+        stage={"init_from": str(tmp_path), "train_tokenizer": True},
     )
-    assert "visual_input=index" in message and "train_tokenizer" in message
+    assert "visual_input=index" in message and "stage.train_tokenizer" in message
     message = _config_error(tmp_path, tiny_data, data={"image_size": [30, 48]}, **handoff)
     assert "data.image_size=[30, 48]" in message and "downsample factor 8" in message
-    assert "model.ett.alpha must be >= 0" in _config_error(
-        tmp_path, tiny_data, model={"ett": {"alpha": -0.5}}, **handoff
+    assert "stage.alpha must be >= 0" in _config_error(
+        tmp_path, tiny_data, stage={"init_from": str(tmp_path), "alpha": -0.5}
     )
+    message = _config_error(tmp_path, tiny_data, model={"ett": {"alpha": 0.5}}, **handoff)
+    assert "model.ett.alpha" in message and "moved to stage.alpha" in message
     message = _config_error(
         tmp_path, tiny_data, stage={"init_from": str(tmp_path / "missing_stage1" / "final")}
     )

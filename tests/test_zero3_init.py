@@ -18,10 +18,10 @@ VARIANTS = [
     ("llm_pretrain", {}),
     ("align", {}),
     ("ett", {}),
-    ("ett", {"visual_input": "index", "train_tokenizer": False}),
+    ("ett", {"visual_input": "index"}),
     ("chat_sft", {}),
     ("t2i", {"visual_head": True}),
-    ("t2i", {"visual_head": True, "visual_input": "index", "train_tokenizer": False}),
+    ("t2i", {"visual_head": True, "visual_input": "index"}),
 ]
 
 COMPARE = r"""
@@ -52,7 +52,7 @@ print("RESULT", json.dumps(results))
 def test_zero3_construction_matches_plain_construction(tmp_path):
     configs = {
         f"{kind}:{json.dumps(ett)}": stage_config(
-            kind, tmp_path, tmp_path / "run", model={"ett": ett}, stage={"init_from": str(tmp_path)}
+            kind, tmp_path, tmp_path / "run", model={"ett": ett}, stage={"init_from": str(tmp_path), "train_tokenizer": False}
         )
         for kind, ett in VARIANTS
     }

@@ -126,10 +126,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def _unknown_key_error(cls: type, key: str, where: str) -> ConfigError:
+    full = f"{where}.{key}" if where else key
+    removed = getattr(cls, "REMOVED_OPTIONS", {}).get(key)
+    if removed:
+        return ConfigError(f"config key '{full}': {removed}")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-    full = f"{where}.{key}" if where else key
     return ConfigError(f"unknown config key '{full}' in section {cls.__name__}{hint}")
 
 

@@ -9,6 +9,7 @@ from data_pipeline.loader import build_train_loader as build_streaming_loader
 from data_pipeline.text_tokenizer import TextTokenizer
 from training.config import ConfigError
 from training.run_config import TrainConfig
+from training.stages import STAGES
 
 
 def text_tokenizer(cfg: TrainConfig) -> TextTokenizer:
@@ -17,7 +18,7 @@ def text_tokenizer(cfg: TrainConfig) -> TextTokenizer:
             "data.text_tokenizer is not set: give a sentencepiece model or an HF tokenizer directory"
         )
     tokenizer = TextTokenizer.load(cfg.data.text_tokenizer)
-    if cfg.stage.kind != "tokenizer" and tokenizer.vocab_size > cfg.model.llm.vocab_size:
+    if STAGES[cfg.stage.kind].with_llm and tokenizer.vocab_size > cfg.model.llm.vocab_size:
         raise ConfigError(
             f"data.text_tokenizer has {tokenizer.vocab_size} tokens but model.llm.vocab_size="
             f"{cfg.model.llm.vocab_size}; set model.llm.vocab_size >= {tokenizer.vocab_size}"

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from modeling.tokenizer.metrics import codebook_usage, psnr, ssim
+from training.objectives import LossModules
+from training.stages import STAGES, model_inputs
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -39,7 +41,9 @@ def save_image_grid(rows: list[torch.Tensor], path: str | Path, pad: int = 2) ->
 
 @torch.no_grad()
 def evaluate_model(model, batches, kind: str) -> dict:
-    """Metrics of `model` (an ETTModel, possibly ZeRO-3 partitioned) over `batches` (packed batch dicts).
+    """Metrics of `model` (an ETTModel, possibly ZeRO-3 partitioned) over `batches` (packed batch dicts) for stage
+    `kind`: the stage's eval objective (its caption or next-code loss, no L_vq) where it has one, and the
+    tokenizer's reconstructions wherever the model has a tokenizer.
 
     Returns sums and counts so that callers can reduce over ranks: caption_loss_sum / caption_tokens,
     caption_correct, psnr_sum / ssim_sum / images, and the histogram of codes for codebook usage."""
@@ -56,12 +60,11 @@ def evaluate_model(model, batches, kind: str) -> dict:
     code_counts = None
     first_pair = None
     has_tokenizer = hasattr(model, "tokenizer")
+    spec = STAGES[kind]
     for batch in batches:
-        if kind != "tokenizer" and hasattr(model, "llm"):
-            out = model(
-                batch,
-                kind="llm_pretrain" if kind == "llm_pretrain" else ("t2i" if kind == "t2i" else "align"),
-            )
+        if spec.eval_objective is not None:
+            outputs = model(**{k: batch[k] for k in spec.model_keys if k in batch})
+            out = spec.eval_objective(outputs, batch, LossModules(), 0)
             count = float(out.token_count)
             totals["caption_loss_sum"] += float(out.loss) * count
             totals["caption_tokens"] += count
@@ -132,7 +135,8 @@ def evaluate_during_training(
         _EVAL_LOADERS[key] = build_eval_loader(cfg, rank, world_size)
     loader = _EVAL_LOADERS[key]
     kind = cfg.stage.kind
-    batches = [_model_inputs(next(loader), kind, device, dtype) for _ in range(cfg.train.eval_batches)]
+    keys = (*STAGES[kind].batch_keys, "images")
+    batches = [model_inputs(next(loader), keys, device, dtype) for _ in range(cfg.train.eval_batches)]
     result = evaluate_model(model, batches, kind)
     metrics = summarize(result, world_size)
     run_log.metrics(step, metrics, postfix=False)
@@ -145,11 +149,3 @@ def evaluate_during_training(
             "eval/reconstruction", step, torch.from_numpy(np.asarray(Image.open(path))).permute(2, 0, 1)
         )
     return metrics
-
-
-def _model_inputs(batch: dict, kind: str, device=None, dtype=None) -> dict:
-    from training.stages import stage_model_inputs
-
-    inputs = stage_model_inputs(batch, kind if kind != "tokenizer" else "ett", device, dtype)
-    inputs.update(stage_model_inputs({"images": batch["images"]}, "tokenizer", device, dtype))
-    return inputs

@@ -15,10 +15,10 @@ EXPORT/
 
 Memory: DeepSpeed's lazy consolidation (`get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`) maps the fp32
 partitions of every rank's optimizer file (torch.load mmap, Adam moments dropped) and gathers one tensor at a time.
-The LLM is converted tensor by tensor and each safetensors shard is written as soon as it is full, so the process
-holds at most the mapped fp32 partitions (one full-precision copy of the model) plus one shard. The export is
-written to a temporary directory next to `--out` and renamed into place: a failed export leaves nothing behind,
-and an existing export at `--out` stays as it was.
+The LLM is converted tensor by tensor and each safetensors shard is written as soon as it is full
+(`training.hf_convert.write_hf_llm`), so the process holds at most the mapped fp32 partitions (one full-precision
+copy of the model) plus one shard. The export is written to a temporary directory next to `--out` and renamed into
+place: a failed export leaves nothing behind, and an existing export at `--out` stays as it was.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from safetensors.torch import load_file, save_file
 
 EXPORT_CONFIG = "ett_config.json"
 SIMPLE_COMPONENTS = ("projector", "visual_head", "index_embedding")
-TRAINING_ONLY_PREFIXES = ("vq_loss.",)
 
 
 class ExportError(RuntimeError):
@@ -47,6 +46,7 @@ class ExportError(RuntimeError):
 def run_config_from_dict(data: dict):
     """The run config saved in a checkpoint or export -> TrainConfig, section by section and without
     `TrainConfig.validate`, which checks paths (datasets, previous stages) of the machine that trained."""
+    from modeling.llm import LLMConfig
     from training.config import ConfigError, from_dict
     from training.run_config import TrainConfig
 
@@ -55,8 +55,11 @@ def run_config_from_dict(data: dict):
     if unknown:
         raise ExportError(f"run config has unknown sections {unknown}; expected some of {sorted(hints)}")
     try:
+        if isinstance(data.get("model"), dict) and isinstance(data["model"].get("llm"), dict):
+            llm = LLMConfig.without_removed_defaults(data["model"]["llm"], "run config model.llm")
+            data = {**data, "model": {**data["model"], "llm": llm}}
         return TrainConfig(**{name: from_dict(hints[name], value, name) for name, value in data.items()})
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         raise ExportError(f"run config saved with the weights is invalid: {exc}") from None
 
 
@@ -85,108 +88,6 @@ def _save_simple(out: Path, name: str, tensors: dict, config: dict, dtype: torch
         metadata={"format": "pt"},
     )
     (out / "config.json").write_text(json.dumps({"component": name, **config}, indent=1))
-
-
-def write_hf_llm(
-    state: dict,
-    llm_config,
-    out_dir: Path,
-    dtype: torch.dtype | None = None,
-    max_shard_size: str | int = "5GB",
-    text_tokenizer=None,
-) -> Path:
-    """Write our LLM tensors (names of DecoderLM.state_dict; tensors or lazy GatheredTensors) as a transformers
-    model directory, converting one tensor at a time and writing each safetensors shard as soon as it is full.
-    Shards and index follow transformers' naming (model-00001-of-00003.safetensors, model.safetensors.index.json)."""
-    from transformers import GenerationConfig
-
-    from training.hf_convert import (
-        SAFETENSORS_FILE,
-        SAFETENSORS_INDEX,
-        hf_config_from_llm,
-        hf_shapes,
-        parse_size,
-        tensor_mappings,
-        to_hf,
-    )
-
-    mappings = tensor_mappings(llm_config)
-    missing = [m.ours for m in mappings if m.ours not in state]
-    if missing:
-        raise ExportError(f"the LLM weights lack {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    out_dtype = dtype or torch.float32
-    item_size = torch.empty((), dtype=out_dtype).element_size()
-    shapes = hf_shapes(llm_config)
-    max_bytes = parse_size(max_shard_size)
-    # Plan the shards from the shapes alone (same greedy rule as transformers), so each shard is written once.
-    shard_of: dict[str, int] = {}
-    shard_bytes, shard = 0, 0
-    for mapping in mappings:
-        for name in mapping.hf:
-            size = item_size * int(torch.Size(shapes[name]).numel())
-            if shard_bytes and shard_bytes + size > max_bytes:
-                shard, shard_bytes = shard + 1, 0
-            shard_of[name] = shard
-            shard_bytes += size
-    num_shards = shard + 1
-
-    def file_name(index: int) -> str:
-        return (
-            SAFETENSORS_FILE if num_shards == 1 else f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
-        )
-
-    out_dir.mkdir(parents=True)
-    pending: dict[str, torch.Tensor] = {}
-    current, total = 0, 0
-    for mapping in mappings:
-        source = state[mapping.ours].contiguous()
-        for name, tensor in zip(mapping.hf, to_hf(mapping, source, llm_config)):
-            if shard_of[name] != current:
-                save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
-                pending, current = {}, shard_of[name]
-            pending[name] = _materialize(tensor, out_dtype)
-            total += pending[name].numel() * item_size
-        del source
-    save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
-    if num_shards > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {name: file_name(i) for name, i in shard_of.items()},
-        }
-        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    special_ids = None
-    if text_tokenizer is not None:
-        text_tokenizer.save(out_dir)
-        special_ids = {
-            "bos_token_id": text_tokenizer.bos_id,
-            "eos_token_id": text_tokenizer.eos_id,
-            "pad_token_id": text_tokenizer.pad_id,
-        }
-    hf_config = hf_config_from_llm(llm_config, out_dtype, special_ids)
-    hf_config.save_pretrained(str(out_dir))
-    GenerationConfig.from_model_config(hf_config).save_pretrained(str(out_dir))
-    if text_tokenizer is not None:
-        _check_auto_tokenizer(out_dir, text_tokenizer)
-    return out_dir
-
-
-def _check_auto_tokenizer(llm_dir: Path, text_tokenizer) -> None:
-    """Warn when transformers' AutoTokenizer would not reproduce our tokenizer from llm/: transformers 5 maps some
-    model types (qwen2 among them) to their own tokenizer class whatever tokenizer_config.json says, and that class
-    rebuilds the pipeline from a byte-level BPE vocabulary, so a sentencepiece tokenizer comes out wrong."""
-    from transformers import AutoTokenizer
-
-    from training.run_log import get_logger
-
-    probe = "The quick brown fox jumps over 13 lazy dogs."
-    auto = AutoTokenizer.from_pretrained(str(llm_dir))
-    if auto.encode(probe, add_special_tokens=False) != text_tokenizer.encode(probe):
-        get_logger().warning(
-            f"{llm_dir}: AutoTokenizer.from_pretrained loads this text tokenizer as {type(auto).__name__}, which "
-            "encodes differently (transformers picks it from config.json's model_type); load it with "
-            "transformers.PreTrainedTokenizerFast.from_pretrained, or train with model.llm.qkv_bias=false "
-            "(a Llama-type export, for which AutoTokenizer honours tokenizer.json)"
-        )
 
 
 def _load_text_tokenizer(path: str | None):
@@ -230,6 +131,7 @@ def write_export(
     embedding (the vision tokenizer and discriminator stay fp32). `text_tokenizer` overrides cfg.data.text_tokenizer."""
     from modeling.tokenizer import VQTokenizer
     from training.config import to_dict
+    from training.hf_convert import write_hf_llm
 
     out_dir = Path(out_dir)
     tmp = _prepare_out_dir(out_dir)
@@ -326,10 +228,9 @@ def load_component_state_dict(path: str | Path, component: str) -> dict[str, tor
             from modeling.llm import DecoderLM
 
             return DecoderLM.from_pretrained(path).state_dict()
-        from training.hf_convert import load_hf_llm
+        from training.hf_convert import read_hf_llm
 
-        model, _ = load_hf_llm(path)
-        return model.state_dict()
+        return read_hf_llm(path)[0]
     from modeling.tokenizer import VQTokenizer
 
     return VQTokenizer.from_pretrained(path).state_dict()
@@ -404,22 +305,13 @@ def consolidate_checkpoint(checkpoint: str | Path, tag: str | None = None, lazy:
 
 def check_against_config(state: dict, cfg) -> None:
     """Compare the consolidated tensors with the model the config describes; name every mismatch."""
-    from modeling.ett import ETTModel
+    from training.stages import build_model
 
     kind = cfg.stage.kind
     with torch.device("meta"):
-        model = ETTModel(
-            cfg.model.llm,
-            cfg.model.tokenizer,
-            cfg.model.projector,
-            cfg.model.ett,
-            with_llm=kind != "tokenizer",
-            with_tokenizer=kind != "llm_pretrain",
-        )
-    expected = {
-        k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)
-    }
-    found = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+        model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(

@@ -1,24 +1,21 @@
-"""The two-optimizer GAN step of tokenizer training (IBQ order: discriminator first, then the tokenizer).
+"""The PatchGAN discriminator of tokenizer training, with its own optimizer, outside ZeRO.
 
-`DiscriminatorStep` updates the PatchGAN discriminator on real images and detached reconstructions. It is used by
-stage 0 (tokenizer pretraining) and, when the stage config keeps the discriminator training, by ETT stage 2, where
-the tokenizer's update is the DeepSpeed engine's. The discriminator is small and stays replicated outside ZeRO: when
-torch.distributed is initialised its gradients are averaged over ranks before the step, so replicas stay equal.
-
-`TokenizerTrainStep` is the whole stage-0 step with plain torch optimizers (one process, or a data-parallel loop
-that averages the tokenizer gradients itself):
-
-    step = TokenizerTrainStep(tokenizer, VQLoss(cfg), DiscriminatorStep(disc, vq_loss, d_opt), g_opt, ema)
-    logs = step.step(images, global_step)
+IBQ's order within a step: the discriminator updates first (on real images and detached reconstructions), then the
+tokenizer's update is the DeepSpeed engine's. The discriminator is small and stays replicated on every rank: its
+gradients are averaged over ranks before its step, so the replicas stay equal. Used by stage 0 (tokenizer
+pretraining) and by ETT stage 2 while the tokenizer trains (frozen there with stage.train_discriminator=false: it
+then only scores reconstructions for the generator's L_GAN).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from modeling.tokenizer import ModelEMA, VQLoss, VQTokenizer
+from training.objectives import VQLoss
 
 
 def all_reduce_gradients(module: nn.Module) -> None:
@@ -47,8 +44,9 @@ class DiscriminatorStep:
         self.loss = loss
         self.optimizer = optimizer
 
-    def step(self, images: torch.Tensor, reconstruction: torch.Tensor, step: int) -> dict[str, float]:
-        """images, reconstruction [B, 3, H, W] (the reconstruction is detached here) -> logged floats."""
+    def step(self, images: torch.Tensor, reconstruction: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """images, reconstruction [B, 3, H, W] (the reconstruction is detached here) -> logged terms (detached
+        tensors: no host sync here)."""
         self.discriminator.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, logs = self.loss.discriminator_loss(images, reconstruction.detach(), self.discriminator, step)
@@ -56,50 +54,44 @@ class DiscriminatorStep:
             loss.backward()
             all_reduce_gradients(self.discriminator)
             self.optimizer.step()
-        return {f"disc/{name}": value.item() for name, value in logs.items()}
+        return {f"disc/{name}": value.detach() for name, value in logs.items()}
 
 
-class TokenizerTrainStep:
-    """Stage-0 step: tokenizer forward, discriminator update, then L_vq backward and the tokenizer update."""
+class ReplicatedDiscriminator:
+    """The discriminator network and, when it trains, its update. Checkpointed by rank 0 (the replicas are equal);
+    the LeCAM EMAs, which follow each rank's own logits, travel in the per-rank state (`rank_state`)."""
 
-    def __init__(
-        self,
-        tokenizer: VQTokenizer,
-        loss: VQLoss,
-        discriminator_step: DiscriminatorStep | None,
-        optimizer: torch.optim.Optimizer,
-        ema: ModelEMA | None = None,
-        grad_clip: float | None = None,
-    ) -> None:
-        if discriminator_step is None and loss.config.gan_weight > 0:
-            raise ValueError(
-                f"VQLossConfig.gan_weight={loss.config.gan_weight} needs a DiscriminatorStep; pass one or set gan_weight=0"
-            )
-        self.tokenizer = tokenizer
+    WEIGHTS, OPTIMIZER = "discriminator.safetensors", "discriminator_optim.pt"
+
+    def __init__(self, discriminator: nn.Module, loss: VQLoss, update: DiscriminatorStep | None) -> None:
+        self.discriminator = discriminator
         self.loss = loss
-        self.discriminator_step = discriminator_step
-        self.optimizer = optimizer
-        self.ema = ema
-        self.grad_clip = grad_clip
+        self.update = update
 
-    def step(self, images: torch.Tensor, step: int) -> dict[str, float]:
-        self.tokenizer.train()
-        output = self.tokenizer(images)
-        logs: dict[str, float] = {}
-        discriminator = None
-        if self.discriminator_step is not None:
-            logs.update(self.discriminator_step.step(images, output.reconstruction, step))
-            discriminator = self.discriminator_step.discriminator
-        self.optimizer.zero_grad(set_to_none=True)
-        total, terms = self.loss.generator_loss(images, output, discriminator, step)
-        total.backward()
-        if self.grad_clip is not None:
-            logs["gen/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.tokenizer.parameters(), self.grad_clip
-            ).item()
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.tokenizer)
-        logs.update({f"gen/{name}": value.item() for name, value in terms.items()})
-        logs.update({f"codes/{name}": value.item() for name, value in output.stats.items()})
-        return logs
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        save_file(
+            {k: v.contiguous() for k, v in self.discriminator.state_dict().items()},
+            str(directory / self.WEIGHTS),
+        )
+        if self.update is not None:
+            torch.save(self.update.optimizer.state_dict(), directory / self.OPTIMIZER)
+
+    def load(self, directory) -> None:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        self.discriminator.load_state_dict(load_file(str(directory / self.WEIGHTS)))
+        if self.update is not None and (directory / self.OPTIMIZER).is_file():
+            self.update.optimizer.load_state_dict(torch.load(directory / self.OPTIMIZER, weights_only=True))
+
+    def rank_state(self) -> dict[str, list[float]]:
+        return {k: v.flatten().tolist() for k, v in self.loss.lecam.state_dict().items()}
+
+    def load_rank_state(self, state: dict[str, list[float]]) -> None:
+        lecam = self.loss.lecam
+        lecam.load_state_dict(
+            {k: torch.tensor(state[k], dtype=v.dtype).view_as(v) for k, v in lecam.state_dict().items()}
+        )

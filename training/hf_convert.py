@@ -1,27 +1,30 @@
-"""Exact weight conversion between our DecoderLM and transformers' Qwen2 / Llama checkpoints, both directions.
+"""The Hugging Face adapter of our LLM: exact weight conversion between DecoderLM and transformers' Qwen2 / Llama
+directories, both directions. `read_hf_llm` / `load_hf_llm` read (training.hf_import, and hand-offs that point at
+a transformers directory); `write_hf_llm` writes (training.export, every stage's hand-off).
 
 One declarative table (`LAYER_MAP`, `GLOBAL_MAP`) lists every tensor: our (Megatron) name, the HF names it is
 made of, and how they fuse:
-- "qkv": Megatron's fused QKV is interleaved per query group, [q heads of group g, k_g, v_g] for g = 0..H_kv-1
-  (so a contiguous split over tensor-parallel ranks gives whole groups); HF keeps q_proj, k_proj, v_proj apart.
+- "qkv": Megatron's fused QKV is interleaved per query group, [q heads of group g, k_g, v_g] for g = 0..H_kv-1;
+  HF keeps q_proj, k_proj, v_proj apart.
 - "concat": linear_fc1 = [gate_proj; up_proj] stacked on the output dim.
 - "copy": same tensor, other name. Both follow the rotate-half RoPE convention, so q/k need no permutation.
 Tied embeddings: transformers writes no `lm_head.weight` when `tie_word_embeddings` is true and ties it on load;
 we do the same (an `lm_head.weight` found in a tied checkpoint is ignored). Untied, `output_layer.weight` <->
 `lm_head.weight`.
 
-Reading accepts model.safetensors, pytorch_model.bin, or either sharded with its `*.index.json`. Writing uses
-safetensors, sharded by `max_shard_size` with a transformers-style index, and config.json from transformers'
-own config class, so `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no custom code.
-Qwen2 always has a QKV bias and Llama never (as transformers builds them): qkv_bias selects the export class.
+Reading accepts model.safetensors, pytorch_model.bin, or either sharded with its `*.index.json`, one tensor at a
+time. Writing streams too: it converts one tensor at a time (the source may be DeepSpeed's lazy GatheredTensors)
+and writes each safetensors shard as soon as it is full, sharded by `max_shard_size` with a transformers-style
+index, plus config.json from transformers' own config class, so `AutoModelForCausalLM.from_pretrained(out_dir)`
+loads it with no custom code. Qwen2 always has a QKV bias and Llama never (as transformers builds them): qkv_bias
+selects the export class.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +37,6 @@ from modeling.llm import DecoderLM, LLMConfig
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 # HF tensors that carry no weights of ours (old checkpoints store the RoPE table).
 IGNORED_HF_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -300,8 +293,11 @@ class _TensorReader:
             raise ValueError(f"{path}: the index says it holds tensor {name}, but it does not") from None
 
 
-def load_hf_llm(hf_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[DecoderLM, LLMConfig]:
-    """A transformers Qwen2 / Llama directory -> (DecoderLM, LLMConfig). dtype None keeps the checkpoint's."""
+def read_hf_llm(
+    hf_dir: str | Path, dtype: torch.dtype | None = torch.float32
+) -> tuple[dict[str, torch.Tensor], LLMConfig]:
+    """A transformers Qwen2 / Llama directory -> (DecoderLM state dict, LLMConfig), read one tensor at a time.
+    dtype None keeps the checkpoint's. Errors name the file and the tensor."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -331,6 +327,12 @@ def load_hf_llm(hf_dir: str | Path, dtype: torch.dtype | None = torch.float32) -
             f"{hf_dir}: tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''} (in {reader.files[unknown[0]]}) "
             "have no place in a Qwen2/Llama decoder with this config.json"
         )
+    return state_dict, config
+
+
+def load_hf_llm(hf_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[DecoderLM, LLMConfig]:
+    """A transformers Qwen2 / Llama directory -> (DecoderLM, LLMConfig). dtype None keeps the checkpoint's."""
+    state_dict, config = read_hf_llm(hf_dir, dtype)
     return DecoderLM.from_state_dict(config, state_dict, source=str(hf_dir)), config
 
 
@@ -347,87 +349,105 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
 
 
-def hf_state_dict(model: DecoderLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our model -> HF-named tensors (CPU, contiguous, cast to dtype if given)."""
-    ours = model.full_state_dict()
-    hf = {}
-    for mapping in tensor_mappings(model.config):
-        for name, tensor in zip(mapping.hf, to_hf(mapping, ours[mapping.ours], model.config)):
-            tensor = tensor.detach().cpu()
-            hf[name] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
-    return hf
+def _materialize(tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor or one of DeepSpeed's lazy GatheredTensors -> a CPU tensor of `dtype` that owns its memory
+    (safetensors refuses tensors that share storage)."""
+    return tensor.contiguous().detach().cpu().to(dtype).clone()
 
 
-def save_hf_llm(
-    model: DecoderLM,
+def write_hf_llm(
+    state: Mapping[str, torch.Tensor],
+    llm_config: LLMConfig,
     out_dir: str | Path,
-    tokenizer=None,
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
+    text_tokenizer=None,
 ) -> Path:
-    """Write a transformers model directory: config.json, generation_config.json, model.safetensors (or shards
-    + model.safetensors.index.json). `tokenizer`: an object with `save_pretrained(dir)` or `save(dir)`, or a
-    directory whose tokenizer files are copied; its bos/eos/pad ids go into the config when it has them."""
+    """Write our LLM tensors (names of DecoderLM.state_dict; tensors or lazy GatheredTensors) as a new transformers
+    model directory `out_dir`: config.json, generation_config.json and model.safetensors, or shards
+    model-00001-of-0000n.safetensors + model.safetensors.index.json (transformers' names and greedy rule). Each
+    tensor is converted when its turn comes and each shard written as soon as it is full, so at most one shard is
+    held in memory. `dtype`: of the written weights (None: fp32). `text_tokenizer`: an object with `save(dir)`,
+    `encode(text)` and bos_id / eos_id / pad_id (data_pipeline.text_tokenizer.TextTokenizer); its files go into
+    `out_dir` and its special ids into the config, and a warning is logged when transformers' AutoTokenizer would
+    load it as a tokenizer that encodes differently."""
     from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model, dtype)
-    dtype = dtype or next(iter(tensors.values())).dtype
-    _write_shards(tensors, out_dir, parse_size(max_shard_size))
-    special_ids = _save_tokenizer(tokenizer, out_dir)
-    hf_config = hf_config_from_llm(model.config, dtype, special_ids)
+    mappings = tensor_mappings(llm_config)
+    missing = [m.ours for m in mappings if m.ours not in state]
+    if missing:
+        raise ValueError(f"the LLM weights lack {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    out_dtype = dtype or torch.float32
+    item_size = torch.empty((), dtype=out_dtype).element_size()
+    shapes = hf_shapes(llm_config)
+    max_bytes = parse_size(max_shard_size)
+    # Plan the shards from the shapes alone (same greedy rule as transformers), so each shard is written once.
+    shard_of: dict[str, int] = {}
+    shard_bytes, shard = 0, 0
+    for mapping in mappings:
+        for name in mapping.hf:
+            size = item_size * int(torch.Size(shapes[name]).numel())
+            if shard_bytes and shard_bytes + size > max_bytes:
+                shard, shard_bytes = shard + 1, 0
+            shard_of[name] = shard
+            shard_bytes += size
+    num_shards = shard + 1
+
+    def file_name(index: int) -> str:
+        return (
+            SAFETENSORS_FILE if num_shards == 1 else f"model-{index + 1:05d}-of-{num_shards:05d}.safetensors"
+        )
+
+    out_dir.mkdir(parents=True)
+    pending: dict[str, torch.Tensor] = {}
+    current, total = 0, 0
+    for mapping in mappings:
+        source = state[mapping.ours].contiguous()
+        for name, tensor in zip(mapping.hf, to_hf(mapping, source, llm_config)):
+            if shard_of[name] != current:
+                save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
+                pending, current = {}, shard_of[name]
+            pending[name] = _materialize(tensor, out_dtype)
+            total += pending[name].numel() * item_size
+        del source
+    save_file(pending, str(out_dir / file_name(current)), metadata={"format": "pt"})
+    if num_shards > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file_name(i) for name, i in shard_of.items()},
+        }
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    special_ids = None
+    if text_tokenizer is not None:
+        text_tokenizer.save(out_dir)
+        special_ids = {
+            "bos_token_id": text_tokenizer.bos_id,
+            "eos_token_id": text_tokenizer.eos_id,
+            "pad_token_id": text_tokenizer.pad_id,
+        }
+    hf_config = hf_config_from_llm(llm_config, out_dtype, special_ids)
     hf_config.save_pretrained(str(out_dir))
     GenerationConfig.from_model_config(hf_config).save_pretrained(str(out_dir))
+    if text_tokenizer is not None:
+        _check_auto_tokenizer(out_dir, text_tokenizer)
     return out_dir
 
 
-def _write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += size
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SAFETENSORS_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file_name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+def _check_auto_tokenizer(llm_dir: Path, text_tokenizer) -> None:
+    """Warn when transformers' AutoTokenizer would not reproduce our tokenizer from llm/: transformers 5 maps some
+    model types (qwen2 among them) to their own tokenizer class whatever tokenizer_config.json says, and that class
+    rebuilds the pipeline from a byte-level BPE vocabulary, so a sentencepiece tokenizer comes out wrong."""
+    from transformers import AutoTokenizer
 
+    from training.run_log import get_logger
 
-def _save_tokenizer(tokenizer, out_dir: Path) -> dict[str, int | None] | None:
-    if tokenizer is None:
-        return None
-    if isinstance(tokenizer, (str, Path)):
-        src = Path(tokenizer)
-        if not src.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {src}")
-        copied = [shutil.copy2(src / f, out_dir / f) for f in TOKENIZER_FILES if (src / f).is_file()]
-        if not copied:
-            raise FileNotFoundError(f"{src}: no tokenizer files (expected some of {list(TOKENIZER_FILES)})")
-        return None
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out_dir))
-        ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    elif hasattr(tokenizer, "save"):
-        tokenizer.save(out_dir)
-        ids = {
-            "bos_token_id": tokenizer.bos_id,
-            "eos_token_id": tokenizer.eos_id,
-            "pad_token_id": tokenizer.pad_id,
-        }
-    else:
-        raise ValueError(
-            f"tokenizer must have save_pretrained(dir) or save(dir), or be a directory; got {tokenizer!r}"
+    probe = "The quick brown fox jumps over 13 lazy dogs."
+    auto = AutoTokenizer.from_pretrained(str(llm_dir))
+    if auto.encode(probe, add_special_tokens=False) != text_tokenizer.encode(probe):
+        get_logger().warning(
+            f"{llm_dir}: AutoTokenizer.from_pretrained loads this text tokenizer as {type(auto).__name__}, which "
+            "encodes differently (transformers picks it from config.json's model_type); load it with "
+            "transformers.PreTrainedTokenizerFast.from_pretrained, or train with model.llm.qkv_bias=false "
+            "(a Llama-type export, for which AutoTokenizer honours tokenizer.json)"
         )
-    return ids

@@ -1,20 +1,29 @@
-"""The tokenizer objective (ett_spec.md §2, Eq. 1) and the discriminator objective (hinge + LeCAM).
+"""The training objectives: what each stage minimises, computed from the model's outputs (modeling/ett.py returns
+outputs, never losses). The stage registry (training/stages.py) names one objective per stage kind.
 
-Generator: L_vq = l1 * |x - x^| + l2 * (x - x^)^2 + quant * L_quant + perceptual * LPIPS(x, x^)
+Caption / LM loss (ETT Eq. 2): mean next-token CE over the positions whose label is not -100.
+Tokenizer loss (Eq. 1): L_vq = l1 * |x - x^| + l2 * (x - x^)^2 + quant * L_quant + perceptual * LPIPS(x, x^)
                   + gan * L_GAN + entropy * L_entropy,
 with L_GAN = softplus(-mean_patches D(x^)) averaged over images (non-saturating, fixed weight, IBQ) from
 `gan_start_step` on. Discriminator: 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x^))) + lecam * R_LeCAM with
 R_LeCAM = mean relu(D(x) - ema_fake)^2 + mean relu(ema_real - D(x^))^2 and EMAs of the mean logits (decay 0.999).
+ETT (Eq. 3): L = L_cap + alpha * L_vq, L_vq through the decoder of the same straight-through codes the LLM read.
+Text-to-image: CE of the visual head over the K code ids at the positions that predict an image code.
+
+Every objective returns a StepOutput with each term detached for logging. The loss modules (LPIPS, LeCAM's EMAs)
+are built outside the model, so they are never partitioned by ZeRO-3 and never part of a checkpoint's weights.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.ett import ETTOutput
 from modeling.tokenizer.config import TokenizerConfig, VQLossConfig
 from modeling.tokenizer.perceptual import LPIPS
 from modeling.tokenizer.tokenizer import TokenizerOutput
@@ -158,3 +167,82 @@ class VQLoss(nn.Module):
             "logits_fake": logits_fake.detach().mean(),
         }
         return total, logs
+
+
+class StepOutput(NamedTuple):
+    """The loss to minimise, every term (detached, for logging), the detached reconstruction when L_vq ran (for the
+    discriminator update), and token accuracy counts."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    reconstruction: torch.Tensor | None = None
+    token_correct: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
+
+
+class LossModules(NamedTuple):
+    """What an objective needs besides the model's outputs: L_vq (None when the stage computes none), its weight
+    in the stage's loss, and the discriminator scoring reconstructions for L_GAN (None without one)."""
+
+    vq_loss: VQLoss | None = None
+    vq_weight: float = 0.0
+    discriminator: nn.Module | None = None
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor):
+    """logits [B, S, V], labels [B, S] (-100 = no loss) -> (mean CE, correct argmax count, counted tokens)."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != -100
+    count = valid.sum()
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum") / count.clamp(min=1)
+    with torch.no_grad():
+        correct = ((flat_logits.argmax(-1) == flat_labels) & valid).sum()
+    return loss, correct, count
+
+
+def _vq_terms(images, output: TokenizerOutput, losses: LossModules, step: int):
+    """L_vq (Eq. 1) of a tokenizer output -> (scalar, logged terms)."""
+    total, named = losses.vq_loss.generator_loss(images, output, losses.discriminator, step)
+    terms = {f"vq/{k}": v.detach() for k, v in named.items()}
+    for key, value in output.stats.items():
+        terms[f"codebook/{key}"] = torch.as_tensor(value).detach().float()
+    return total, terms
+
+
+def tokenizer_objective(out: ETTOutput, batch: dict, losses: LossModules, step: int) -> StepOutput:
+    """Stage 0: L_vq of the tokenizer's own forward."""
+    total, terms = _vq_terms(batch["images"], out.tokenizer, losses, step)
+    terms = {"loss/vq": total.detach(), **terms}
+    return StepOutput(loss=total, terms=terms, reconstruction=out.tokenizer.reconstruction.detach())
+
+
+def caption_objective(out: ETTOutput, batch: dict, losses: LossModules, step: int) -> StepOutput:
+    """L_cap (Eq. 2), plus vq_weight * L_vq (Eq. 3) when the forward decoded the codes the LLM read."""
+    loss, correct, count = caption_loss(out.logits, batch["labels"])
+    if out.tokenizer is None:
+        terms = {"loss/caption": loss.detach()}
+        return StepOutput(loss=loss, terms=terms, token_correct=correct, token_count=count)
+    vq, vq_terms = _vq_terms(batch["images"], out.tokenizer, losses, step)
+    terms = {"loss/caption": loss.detach(), **vq_terms, "loss/vq": vq.detach()}
+    return StepOutput(
+        loss=loss + losses.vq_weight * vq,
+        terms=terms,
+        reconstruction=out.tokenizer.reconstruction.detach(),
+        token_correct=correct,
+        token_count=count,
+    )
+
+
+def t2i_objective(out: ETTOutput, batch: dict, losses: LossModules, step: int) -> StepOutput:
+    """Next-code CE over K at the positions that predict an image code (Emu3-style, tokenizer frozen)."""
+    logits, targets = out.visual_logits.float(), out.visual_targets
+    loss = F.cross_entropy(logits, targets)
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).sum()
+    return StepOutput(
+        loss=loss,
+        terms={"loss/t2i": loss.detach()},
+        token_correct=correct,
+        token_count=torch.tensor(targets.numel()),
+    )

@@ -15,24 +15,31 @@ from typing import Literal
 
 from modeling.ett import ETTConfig
 from modeling.llm import LLMConfig
+from modeling.llm.model import RUNTIME_OPTIONS
 from modeling.projector import ProjectorConfig
 from modeling.tokenizer import TokenizerConfig
 from training.config import ConfigError, to_dict
-
-StageKind = Literal["tokenizer", "llm_pretrain", "align", "ett", "chat_sft", "t2i"]
+from training.stages import STAGES, StageKind
 
 
 @dataclass
 class StageConfig:
-    """One stage of a recipe. `init_from` is the previous stage's hand-off directory (an export, see
-    training/export.py); `init_llm_from` / `init_tokenizer_from` load single components (e.g. from hf_import or
-    a stage-0 tokenizer) into a fresh model."""
+    """One stage of a recipe: its kind (training/stages.py), where it starts from, and what trains in it.
+
+    `init_from` is the previous stage's hand-off directory (an export, see training/export.py); `init_llm_from` /
+    `init_tokenizer_from` load single components (e.g. from hf_import or a stage-0 tokenizer) into a fresh model.
+    `alpha`: the weight of L_vq in ETT's L = L_cap + alpha * L_vq. `train_tokenizer` (ett): false freezes the
+    tokenizer (the paper's frozen-tokenizer baselines). `train_discriminator` (ett): false keeps the
+    discriminator fixed; it still scores reconstructions for L_GAN."""
 
     name: str = "stage"
     kind: StageKind = "ett"
     init_from: str | None = None
     init_llm_from: str | None = None
     init_tokenizer_from: str | None = None
+    alpha: float = 0.25
+    train_tokenizer: bool = True
+    train_discriminator: bool = True
 
 
 @dataclass
@@ -137,17 +144,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject incompatible options before any computation; every message names the options involved."""
-        ett, kind = self.model.ett, self.stage.kind
-        if ett.alpha < 0:
-            raise ConfigError(f"model.ett.alpha must be >= 0, got {ett.alpha}")
-        if ett.visual_input == "index" and ett.train_tokenizer and kind in ("ett", "align"):
+        kind, spec = self.stage.kind, STAGES[self.stage.kind]
+        if self.stage.alpha < 0:
+            raise ConfigError(f"stage.alpha must be >= 0, got {self.stage.alpha}")
+        if self.model.ett.visual_input == "index" and spec.trains_tokenizer(self.stage) and spec.with_llm:
             raise ConfigError(
-                "model.ett.visual_input=index with model.ett.train_tokenizer=true: the index path feeds discrete "
-                "code ids, so no gradient can reach the tokenizer; set model.ett.train_tokenizer=false"
+                "model.ett.visual_input=index with stage.train_tokenizer=true: the index path feeds discrete "
+                "code ids, so no gradient can reach the tokenizer; set stage.train_tokenizer=false"
             )
         factor = self.model.tokenizer.downsample_factor
         height, width = self.data.image_size
-        if kind != "llm_pretrain" and (height % factor or width % factor):
+        if spec.with_tokenizer and (height % factor or width % factor):
             raise ConfigError(
                 f"data.image_size={list(self.data.image_size)} is not divisible by the tokenizer's downsample factor "
                 f"{factor} (model.tokenizer.channel_mult={list(self.model.tokenizer.channel_mult)})"
@@ -159,9 +166,7 @@ class TrainConfig:
             )
         if self.schedule.max_steps <= 0:
             raise ConfigError(f"schedule.max_steps must be > 0, got {self.schedule.max_steps}")
-        if kind in ("align", "ett", "chat_sft", "t2i") and not (
-            self.stage.init_from or self.stage.init_llm_from
-        ):
+        if spec.needs_init and not (self.stage.init_from or self.stage.init_llm_from):
             raise ConfigError(
                 f"stage.kind={kind} starts from a previous stage's weights: set stage.init_from (a hand-off "
                 "directory) or stage.init_llm_from"
@@ -179,6 +184,13 @@ class TrainConfig:
             )
 
     def fingerprint(self) -> str:
-        """Hash of the options that must not change across a resume (model shapes and stage)."""
-        payload = {"stage": self.stage.kind, "model": to_dict(self.model)}
+        """Hash of what gives a checkpoint its meaning: the stage kind and the shapes of what it holds (the model,
+        and the discriminator's). Runtime options (activation checkpointing, the attention backend), loss weights
+        and everything outside `model` may change on resume."""
+        model = to_dict(self.model)
+        for option in RUNTIME_OPTIONS:
+            model["llm"].pop(option, None)
+        loss = model["tokenizer"].pop("loss")
+        model["discriminator"] = {k: v for k, v in loss.items() if k.startswith("disc_")}
+        payload = {"stage": self.stage.kind, "model": model}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,55 +1,175 @@
-"""Stage recipes: what each stage kind builds, trains and starts from (DESIGN.md decision 1, ett_spec.md §2 table).
+"""The stage registry: one StageSpec per stage kind, and everything built from it. Every stage-kind decision in the
+project reads a StageSpec; nothing else compares kind strings.
 
-| kind         | built                           | trainable                                   | objective              |
-|--------------|---------------------------------|---------------------------------------------|------------------------|
-| tokenizer    | tokenizer (+ discriminator)      | tokenizer                                   | L_vq                   |
-| llm_pretrain | LLM                             | LLM                                         | next-token CE          |
-| align        | tokenizer, projector, LLM        | projector (or index embedding)              | L_cap                  |
-| ett          | tokenizer, projector, LLM (+ D)  | tokenizer (if train_tokenizer), projector, LLM | L_cap + alpha L_vq  |
-| chat_sft     | tokenizer, projector, LLM        | projector, LLM                              | CE on assistant turns  |
-| t2i          | tokenizer, projector, LLM, head  | projector, LLM, visual head                 | CE over K code ids     |
+| kind         | built                    | trainable                                     | objective                 |
+|--------------|--------------------------|-----------------------------------------------|---------------------------|
+| tokenizer    | tokenizer (+ D)          | tokenizer                                     | L_vq                      |
+| llm_pretrain | LLM                      | LLM                                           | next-token CE             |
+| align        | tokenizer, projector, LLM | projector (or index embedding)               | L_cap                     |
+| ett          | tokenizer, projector, LLM (+ D) | tokenizer (stage.train_tokenizer), projector, LLM | L_cap + alpha L_vq |
+| chat_sft     | tokenizer, projector, LLM | projector, LLM                               | CE on assistant turns     |
+| t2i          | tokenizer, projector, LLM, visual head | projector, LLM, visual head     | CE over the K code ids    |
 
 A stage starts from the previous stage's hand-off directory (`stage.init_from`, the export layout of
 training/export.py), never from a live engine: ZeRO-3 fixes the trainable set at `deepspeed.initialize`.
+Adding a kind is one STAGES entry (and its objective in training/objectives.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 
 from modeling.ett import ETTModel
+from training import objectives
 from training.config import ConfigError
-from training.run_config import TrainConfig
 
-TRAINABLE_PREFIXES = {
-    "tokenizer": ("tokenizer.",),
-    "llm_pretrain": ("llm.",),
-    "align": ("projector.", "index_embedding."),
-    "ett": ("tokenizer.", "projector.", "index_embedding.", "llm."),
-    "chat_sft": ("projector.", "index_embedding.", "llm."),
-    "t2i": ("projector.", "index_embedding.", "llm.", "visual_head."),
+if TYPE_CHECKING:
+    from training.run_config import StageConfig, TrainConfig
+
+TEXT_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+IMAGE_TEXT_KEYS = (*TEXT_KEYS, "images", "image_mask")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage kind builds, trains and minimises.
+
+    `trainable`: parameter-name prefixes that train; "tokenizer." drops out where `tokenizer_optional` and
+    stage.train_tokenizer is false. `vq_weight`: the weight of L_vq in the stage's loss (None: the kind never
+    computes L_vq; it then also runs only while the tokenizer trains). `discriminator_optional`: the discriminator
+    trains only with stage.train_discriminator. `batch_keys`: the batch tensors the model's forward reads.
+    `eval_objective`: the held-out caption metric (None: reconstruction metrics only). `needs_init`: starts from
+    a previous stage's weights."""
+
+    kind: str
+    with_llm: bool
+    with_tokenizer: bool
+    trainable: tuple[str, ...]
+    batch_keys: tuple[str, ...]
+    objective: Callable
+    eval_objective: Callable | None
+    needs_init: bool
+    vq_weight: Callable[[StageConfig], float] | None = None
+    tokenizer_optional: bool = False
+    discriminator_optional: bool = False
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """The batch keys the model's forward takes (the labels go to the objective only)."""
+        return tuple(k for k in self.batch_keys if k != "labels")
+
+    def trainable_prefixes(self, stage: StageConfig) -> tuple[str, ...]:
+        if self.tokenizer_optional and not stage.train_tokenizer:
+            return tuple(p for p in self.trainable if p != "tokenizer.")
+        return self.trainable
+
+    def trains_tokenizer(self, stage: StageConfig) -> bool:
+        return "tokenizer." in self.trainable_prefixes(stage)
+
+    def vq_loss_weight(self, stage: StageConfig) -> float:
+        """The weight of L_vq in this stage's loss; 0 when L_vq is not computed."""
+        if self.vq_weight is None or not self.trains_tokenizer(stage):
+            return 0.0
+        return self.vq_weight(stage)
+
+    def trains_discriminator(self, stage: StageConfig) -> bool:
+        return not self.discriminator_optional or stage.train_discriminator
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.kind: spec
+    for spec in (
+        StageSpec(
+            kind="tokenizer",
+            with_llm=False,
+            with_tokenizer=True,
+            trainable=("tokenizer.",),
+            batch_keys=("images",),
+            objective=objectives.tokenizer_objective,
+            eval_objective=None,
+            needs_init=False,
+            vq_weight=lambda stage: 1.0,
+        ),
+        StageSpec(
+            kind="llm_pretrain",
+            with_llm=True,
+            with_tokenizer=False,
+            trainable=("llm.",),
+            batch_keys=TEXT_KEYS,
+            objective=objectives.caption_objective,
+            eval_objective=objectives.caption_objective,
+            needs_init=False,
+        ),
+        StageSpec(
+            kind="align",
+            with_llm=True,
+            with_tokenizer=True,
+            trainable=("projector.", "index_embedding."),
+            batch_keys=IMAGE_TEXT_KEYS,
+            objective=objectives.caption_objective,
+            eval_objective=objectives.caption_objective,
+            needs_init=True,
+        ),
+        StageSpec(
+            kind="ett",
+            with_llm=True,
+            with_tokenizer=True,
+            trainable=("tokenizer.", "projector.", "index_embedding.", "llm."),
+            batch_keys=IMAGE_TEXT_KEYS,
+            objective=objectives.caption_objective,
+            eval_objective=objectives.caption_objective,
+            needs_init=True,
+            vq_weight=lambda stage: stage.alpha,
+            tokenizer_optional=True,
+            discriminator_optional=True,
+        ),
+        StageSpec(
+            kind="chat_sft",
+            with_llm=True,
+            with_tokenizer=True,
+            trainable=("projector.", "index_embedding.", "llm."),
+            batch_keys=IMAGE_TEXT_KEYS,
+            objective=objectives.caption_objective,
+            eval_objective=objectives.caption_objective,
+            needs_init=True,
+        ),
+        StageSpec(
+            kind="t2i",
+            with_llm=True,
+            with_tokenizer=True,
+            trainable=("projector.", "index_embedding.", "llm.", "visual_head."),
+            batch_keys=(*IMAGE_TEXT_KEYS, "image_loss_mask"),
+            objective=objectives.t2i_objective,
+            eval_objective=objectives.t2i_objective,
+            needs_init=True,
+        ),
+    )
 }
 
+StageKind = Literal[tuple(STAGES)]
 
-def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
-    prefixes = TRAINABLE_PREFIXES[cfg.stage.kind]
-    if cfg.stage.kind == "ett" and not cfg.model.ett.train_tokenizer:
-        prefixes = tuple(p for p in prefixes if p != "tokenizer.")
-    return prefixes
+
+def stage_spec(cfg: TrainConfig) -> StageSpec:
+    return STAGES[cfg.stage.kind]
 
 
 def build_model(cfg: TrainConfig) -> ETTModel:
-    """Build the stage's model (call inside engine.model_init_context) and fix its trainable set."""
-    kind = cfg.stage.kind
+    """The one model builder: the stage's ETTModel from its config, with its trainable set fixed (call inside
+    engine.model_init_context for ZeRO-3). Used by training, export and inference."""
+    spec = stage_spec(cfg)
     model = ETTModel(
         cfg.model.llm,
         cfg.model.tokenizer,
         cfg.model.projector,
         cfg.model.ett,
-        with_llm=kind != "tokenizer",
-        with_tokenizer=kind != "llm_pretrain",
+        with_llm=spec.with_llm,
+        with_tokenizer=spec.with_tokenizer,
     )
-    prefixes = trainable_prefixes(cfg)
+    prefixes = spec.trainable_prefixes(cfg.stage)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith(prefixes))
     return model
@@ -92,7 +212,7 @@ def load_initial_weights(model: ETTModel, cfg: TrainConfig) -> None:
         return
     model_keys = {name for name, _ in model.named_parameters()}
     required = tuple(p for p in ("llm.", "tokenizer.") if any(k.startswith(p) for k in model_keys))
-    if cfg.stage.kind in ("align", "ett", "chat_sft", "t2i"):
+    if stage_spec(cfg).needs_init:
         missing_parts = [p.rstrip(".") for p in required if not any(k.startswith(p) for k in state)]
         if missing_parts:
             raise ConfigError(
@@ -104,55 +224,22 @@ def load_initial_weights(model: ETTModel, cfg: TrainConfig) -> None:
     load_full_state_dict(model, state, strict_prefixes=required)
 
 
-class ReplicatedDiscriminator:
-    """The PatchGAN discriminator with its own Adam, replicated on every rank outside ZeRO (it is small).
-    `update` is None when the stage keeps it frozen (stage 2 with model.ett.train_discriminator=false): it then
-    only scores reconstructions for the generator's L_GAN."""
-
-    WEIGHTS, OPTIMIZER = "discriminator.safetensors", "discriminator_optim.pt"
-
-    def __init__(self, discriminator, update) -> None:
-        self.discriminator = discriminator
-        self.update = update
-
-    def save(self, directory) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        save_file(
-            {k: v.contiguous() for k, v in self.discriminator.state_dict().items()},
-            str(directory / self.WEIGHTS),
-        )
-        if self.update is not None:
-            torch.save(self.update.optimizer.state_dict(), directory / self.OPTIMIZER)
-
-    def load(self, directory) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        self.discriminator.load_state_dict(load_file(str(directory / self.WEIGHTS)))
-        if self.update is not None and (directory / self.OPTIMIZER).is_file():
-            self.update.optimizer.load_state_dict(torch.load(directory / self.OPTIMIZER, weights_only=True))
-
-
-def build_discriminator(
-    cfg: TrainConfig, model: ETTModel, device: torch.device | None = None
-) -> ReplicatedDiscriminator | None:
-    """The discriminator for stages that compute L_GAN (stage 0, and stage 2 while the tokenizer trains), else None.
-    It stays fp32 on `device` (the engine's), outside ZeRO, with its own Adam."""
+def build_loss_modules(cfg: TrainConfig, model: ETTModel, device: torch.device | None = None):
+    """The stage's objective state, built outside zero.Init (never partitioned, never in the model's state dict):
+    L_vq with LPIPS when the stage computes L_vq, and the discriminator (with its own Adam when it trains) when
+    L_vq has a GAN term. Returns (LossModules, ReplicatedDiscriminator or None)."""
     from modeling.tokenizer import PatchDiscriminator
-    from training.gan_step import DiscriminatorStep
+    from training.gan_step import DiscriminatorStep, ReplicatedDiscriminator
 
-    kind, loss_cfg = cfg.stage.kind, cfg.model.tokenizer.loss
-    trains_tokenizer = kind == "tokenizer" or (
-        kind == "ett" and cfg.model.ett.train_tokenizer and cfg.model.ett.alpha > 0
-    )
-    if not trains_tokenizer or loss_cfg.gan_weight <= 0:
-        return None
+    spec, loss_cfg = stage_spec(cfg), cfg.model.tokenizer.loss
+    weight = spec.vq_loss_weight(cfg.stage)
+    if weight <= 0:
+        return objectives.LossModules(), None
+    vq_loss = objectives.VQLoss(cfg.model.tokenizer)
+    if device is not None:
+        vq_loss.to(device)
+    if loss_cfg.gan_weight <= 0:
+        return objectives.LossModules(vq_loss, weight), None
     torch.manual_seed(cfg.train.seed + 1)
     discriminator = PatchDiscriminator(loss_cfg, cfg.model.tokenizer.in_channels)
     if cfg.stage.init_from:
@@ -161,30 +248,25 @@ def build_discriminator(
         load_discriminator(discriminator, cfg.stage.init_from)
     if device is not None:
         discriminator.to(device)
-    train = kind == "tokenizer" or cfg.model.ett.train_discriminator
+    train = spec.trains_discriminator(cfg.stage)
     discriminator.requires_grad_(train)
     update = None
     if train:
         optimizer = torch.optim.Adam(
             discriminator.parameters(), lr=cfg.optim.discriminator_lr, betas=cfg.optim.discriminator_betas
         )
-        update = DiscriminatorStep(discriminator, model.vq_loss, optimizer)
-    return ReplicatedDiscriminator(discriminator, update)
+        update = DiscriminatorStep(discriminator, vq_loss, optimizer)
+    losses = objectives.LossModules(vq_loss, weight, discriminator)
+    return losses, ReplicatedDiscriminator(discriminator, vq_loss, update)
 
 
-def stage_model_inputs(
-    batch: dict, kind: str, device: torch.device | None = None, dtype: torch.dtype | None = None
+def model_inputs(
+    batch: dict, keys: tuple[str, ...], device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict:
-    """The tensors of a packed batch that the model's objective for `kind` reads, moved to `device` (the engine's;
-    the loader yields CPU tensors) with floating tensors (the images) cast to `dtype` (the engine's compute dtype:
-    DeepSpeed's bf16 engine holds bf16 weights and does not cast inputs). None leaves device or dtype unchanged."""
-    keys = {
-        "tokenizer": ("images",),
-        "llm_pretrain": ("input_ids", "labels", "position_ids", "segment_ids"),
-    }.get(
-        kind,
-        ("input_ids", "labels", "position_ids", "segment_ids", "images", "image_mask", "image_loss_mask"),
-    )
+    """The tensors `keys` of a packed batch (a StageSpec's batch_keys), moved to `device` (the engine's; the loader
+    yields CPU tensors, pinned on CUDA, so the copy does not block) with floating tensors (the images) cast to
+    `dtype` (the engine's compute dtype: DeepSpeed's bf16 engine holds bf16 weights and does not cast inputs).
+    None leaves device or dtype unchanged."""
     inputs = {k: batch[k] for k in keys if k in batch}
     if device is None and dtype is None:
         return inputs
@@ -196,20 +278,3 @@ def stage_model_inputs(
         )
         for k, v in inputs.items()
     }
-
-
-def write_handoff(
-    model: ETTModel, cfg: TrainConfig, out_dir, provenance: dict, rank: int, discriminator=None
-) -> None:
-    """Gather the full weights (every rank takes part) and write the export layout on rank 0."""
-    from training.engine import gather_full_state_dict
-    from training.export import write_export
-
-    state = gather_full_state_dict(model, rank)
-    if rank == 0:
-        disc_state = (
-            {k: v.detach().cpu() for k, v in discriminator.state_dict().items()}
-            if discriminator is not None
-            else None
-        )
-        write_export(state, cfg, out_dir, provenance, discriminator_state=disc_state)

@@ -127,41 +127,57 @@ def ibq_straight_through(
 
 
 class CodebookEntropyLoss(torch.autograd.Function):
-    """mean_n H(p_n) - H(mean_n p_n) with p = softmax(z C^T / T): sharp per-token, spread over the batch."""
+    """mean_n H(p_n) - H(mean_n p_n) with p = softmax((z C^T + b) / T): sharp per-token, spread over the batch."""
 
     @staticmethod
-    def forward(ctx, z, codebook, temperature, backend):
+    def forward(ctx, z, codebook, bias, temperature, backend):
         ops = resolve_backend(z, backend)
         scale = 1.0 / temperature
         z, codebook = z.detach(), codebook.detach()
-        stats = ops.row_softmax_stats(z, codebook, scale=scale, entropy=True)
-        avg_probs = ops.column_prob_sum(z, codebook, stats.lse, scale) / z.shape[0]
+        bias = bias.detach() if bias is not None else None
+        stats = ops.row_softmax_stats(z, codebook, bias, scale, entropy=True)
+        avg_probs = ops.column_prob_sum(z, codebook, stats.lse, scale, bias=bias) / z.shape[0]
         batch_entropy = -torch.special.xlogy(avg_probs, avg_probs).sum()
         ctx.ops, ctx.scale = ops, scale
-        ctx.save_for_backward(z, codebook, stats.lse, stats.entropy, avg_probs)
+        ctx.save_for_backward(z, codebook, bias, stats.lse, stats.entropy, avg_probs)
         return stats.entropy.mean() - batch_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
-        z, codebook, lse, row_entropy, avg_probs = ctx.saved_tensors
+        z, codebook, bias, lse, row_entropy, avg_probs = ctx.saved_tensors
         log_avg_probs = torch.log(avg_probs.clamp_min(torch.finfo(torch.float32).tiny))
-        grad_z, grad_codebook = ctx.ops.entropy_backward(
-            z, codebook, lse, row_entropy, log_avg_probs, ctx.scale
+        grad_z, grad_codebook, grad_bias = ctx.ops.entropy_backward(
+            z, codebook, lse, row_entropy, log_avg_probs, ctx.scale, bias=bias
         )
-        return (grad_z * grad_loss).to(z.dtype), (grad_codebook * grad_loss).to(codebook.dtype), None, None
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_loss).to(bias.dtype)
+        return (
+            (grad_z * grad_loss).to(z.dtype),
+            (grad_codebook * grad_loss).to(codebook.dtype),
+            grad_bias,
+            None,
+            None,
+        )
 
 
 def codebook_entropy_loss(
-    z: torch.Tensor, codebook: torch.Tensor, temperature: float = 0.01, *, backend: str | None = None
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float = 0.01,
+    *,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Scalar fp32 entropy loss (ett_spec.md §1.2 item 8), differentiable in z and codebook.
+    """Scalar fp32 entropy loss (ett_spec.md §1.2 item 8), differentiable in z, codebook and bias.
 
-    L = mean_n H(p_n) - H(q), p_n = softmax(z_n C^T / T), q = mean_n p_n, H(x) = -sum_k x_k log x_k.
+    L = mean_n H(p_n) - H(q), p_n = softmax((z_n C^T + b) / T), q = mean_n p_n, H(x) = -sum_k x_k log x_k.
+    IBQ passes no bias; VQ passes b = -||c_k||^2 / 2, so that the logits are -||z - c_k||^2 / 2 up to a per-row
+    constant, at the code dim D itself (no appended column).
     """
-    _check_inputs(z, codebook)
+    _check_inputs(z, codebook, bias)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"entropy temperature must be a positive finite number, got {temperature}")
-    return CodebookEntropyLoss.apply(z, codebook, float(temperature), backend)
+    return CodebookEntropyLoss.apply(z, codebook, bias, float(temperature), backend)
 
 
 __all__ = ["codebook_argmax", "ibq_straight_through", "codebook_entropy_loss", "resolve_backend"]

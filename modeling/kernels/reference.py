@@ -123,9 +123,10 @@ def column_prob_sum(
     lse: torch.Tensor,
     scale: float = 1.0,
     *,
+    bias: torch.Tensor | None = None,
     budget: int | None = None,
 ) -> torch.Tensor:
-    """sum_n p_nk [K] fp32, with p_nk = exp(l_nk - lse_n) and l = z C^T * scale."""
+    """sum_n p_nk [K] fp32, with p_nk = exp(l_nk - lse_n) and l = (z C^T + b) * scale."""
     n = z.shape[0]
     k = codebook.shape[0]
     tile_n, tile_k = tile_sizes(n, k, budget)
@@ -135,7 +136,7 @@ def column_prob_sum(
         z_tile = z[n0:n1].float()
         for k0 in range(0, k, tile_k):
             k1 = min(k, k0 + tile_k)
-            logits = _tile_logits(z_tile, codebook, None, k0, k1, scale)
+            logits = _tile_logits(z_tile, codebook, bias, k0, k1, scale)
             total[k0:k1] += torch.exp(logits - lse[n0:n1, None]).sum(dim=0)
             del logits
     return total
@@ -184,13 +185,15 @@ def entropy_backward(
     log_avg_probs: torch.Tensor,
     scale: float,
     *,
+    bias: torch.Tensor | None = None,
     budget: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of L = mean_n H(p_n) - H(mean_n p_n), p = softmax(z C^T * scale). Returns fp32 (dz, dC).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of L = mean_n H(p_n) - H(mean_n p_n), p = softmax((z C^T + b) * scale).
 
-    With s = z C^T * scale, H_n the row entropy, log q_k = log of the mean distribution and
+    With s = (z C^T + b) * scale, H_n the row entropy, log q_k = log of the mean distribution and
     E_n = sum_k p_nk log q_k:  dL/ds_nk = p_nk (log q_k - log p_nk - H_n - E_n) / N,
-    and dL/d(z C^T) = scale * dL/ds. E_n needs a full pass over the codes before the gradient pass.
+    and dl = dL/d(z C^T) = dL/db = scale * dL/ds. E_n needs a full pass over the codes before the gradient pass.
+    Returns fp32 (dz, dC, db), db = sum_n dl_nk [K] (None without a bias).
     """
     n = z.shape[0]
     k = codebook.shape[0]
@@ -198,6 +201,7 @@ def entropy_backward(
     coef = scale / n
     grad_z = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
     grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=z.device)
+    grad_bias = torch.zeros(k, dtype=torch.float32, device=z.device) if bias is not None else None
     for n0 in range(0, n, tile_n):
         n1 = min(n, n0 + tile_n)
         z_tile = z[n0:n1].float()
@@ -205,16 +209,18 @@ def entropy_backward(
         cross = torch.zeros(n1 - n0, device=z.device)
         for k0 in range(0, k, tile_k):
             k1 = min(k, k0 + tile_k)
-            probs = torch.exp(_tile_logits(z_tile, codebook, None, k0, k1, scale) - row_lse)
+            probs = torch.exp(_tile_logits(z_tile, codebook, bias, k0, k1, scale) - row_lse)
             cross += probs @ log_avg_probs[k0:k1]
             del probs
         offset = (row_entropy[n0:n1] + cross)[:, None]
         for k0 in range(0, k, tile_k):
             k1 = min(k, k0 + tile_k)
-            log_probs = _tile_logits(z_tile, codebook, None, k0, k1, scale) - row_lse
+            log_probs = _tile_logits(z_tile, codebook, bias, k0, k1, scale) - row_lse
             dlogits = torch.exp(log_probs) * (log_avg_probs[k0:k1] - log_probs - offset) * coef
             code_tile = codebook[k0:k1].float()
             grad_z[n0:n1] += dlogits @ code_tile
             grad_codebook[k0:k1] += dlogits.T @ z_tile
+            if grad_bias is not None:
+                grad_bias[k0:k1] += dlogits.sum(dim=0)
             del log_probs, dlogits
-    return grad_z, grad_codebook
+    return grad_z, grad_codebook, grad_bias

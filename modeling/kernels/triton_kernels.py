@@ -7,14 +7,25 @@ and never writes N x K to memory (Q = z, K = V = C, softmax scale 1 for IBQ or 1
   output S C over the codes of its split. Splits (flash-decoding) give small-N calls enough programs; their
   partial results are merged in torch at O(splits * N * D) cost. Programs of one wave sweep the codebook in the
   same order, so each C tile is read from HBM about once per wave and served from L2 to the others.
-- `_row_grad_kernel`, grid (token blocks): dz, looping over all codes.
+- `_row_grad_kernel`, grid (token blocks): dz, looping over all codes (twice for the entropy loss: E, then dz).
 - `_col_grad_kernel`, grid (code blocks): dC (or the column sums of p), looping over all tokens.
 
 The backward recomputes the logits in both gradient kernels (as FlashAttention-2's two-pass backward does)
-instead of using atomics. bf16 inputs feed tl.dot as bf16 with fp32 accumulation; fp32 inputs use IEEE fp32
-dots (TF32 when torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1 the dot operands are
-upcast to fp32 because the interpreter's bf16 arithmetic is wrong; bf16 x bf16 products are exact in fp32, so
-the result is the same up to summation order.
+instead of using atomics. Every operand that is rounded to bf16 for a tl.dot is a per-element gradient weight
+(dl_nk) or a probability, never a difference of large terms whose result is small: the entropy dz is built from
+dl = coef p (log q - log p - H - E), as the dC pass does, after a first sweep for E, rather than as
+A - (H + E) O, whose two terms nearly cancel when the distribution is sharp (T = 0.01): its bf16 operands gave
+errors of 3e-2 to 1e0 of the largest dz against float64, the per-element form 1e-3 to 1e-2 (an emulation of
+both at D = 256 in tests/test_kernels_bf16.py, which also runs these kernels with bf16 operand rounding).
+
+bf16 inputs feed tl.dot as bf16 with fp32 accumulation; fp32 inputs use IEEE fp32 dots (TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set). Under TRITON_INTERPRET=1 the interpreter's bf16 dot is wrong
+and its fp32 -> bf16 cast truncates, so for bf16 inputs every dot operand is instead rounded to the nearest bf16
+(ties to even, `_dot_operand`) and kept in fp32 for an fp32 dot: bf16 x bf16 products are exact in fp32, so the
+interpreter computes what the GPU computes up to summation order, including the operand rounding.
+
+An optional per-code bias b [K] enters every kernel as l = (z C^T + b) * scale: IBQ uses none, VQ passes
+b = -||c||^2 / 2 (argmax and entropy loss), so one set of kernels serves both at the code dim D <= MAX_DIM.
 """
 
 import math
@@ -55,12 +66,15 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _dot_settings(*tensors: torch.Tensor):
-    """(operand dtype, input precision) for tl.dot given the input dtypes."""
-    if all(t.dtype == torch.bfloat16 for t in tensors) and not _interpreted():
-        return tl.bfloat16, "ieee"
-    use_tf32 = not _interpreted() and torch.backends.cuda.matmul.allow_tf32
-    return tl.float32, "tf32" if use_tf32 else "ieee"
+def _dot_settings(z: torch.Tensor, codebook: torch.Tensor) -> dict:
+    """Kernel constexprs for tl.dot: operand dtype, input precision and the interpreter's bf16 rounding."""
+    bf16 = z.dtype == torch.bfloat16 and codebook.dtype == torch.bfloat16
+    if _interpreted():
+        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee", ROUND_BF16=bf16)
+    if bf16:
+        return dict(DOT_DTYPE=tl.bfloat16, PRECISION="ieee", ROUND_BF16=False)
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(DOT_DTYPE=tl.float32, PRECISION=precision, ROUND_BF16=False)
 
 
 def _block_d(dim: int) -> int:
@@ -69,6 +83,26 @@ def _block_d(dim: int) -> int:
             f"Triton codebook kernels support code dim D <= {MAX_DIM}, got {dim}; use backend='torch'"
         )
     return max(16, triton.next_power_of_2(dim))
+
+
+@triton.jit
+def _dot_operand(x, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """x as a tl.dot operand: cast to DOT_DTYPE; with ROUND_BF16 (interpreter, bf16 inputs) first rounded to the
+    nearest bf16 with ties to even, in fp32 bits, which is what the GPU's cast to bf16 does (finite x)."""
+    if ROUND_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _scaled_logits(z, c, bias_ptr, offs_k, mask_k, scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """(z c^T + b) * scale for one (token block, code block) tile, fp32."""
+    logits = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        logits += tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    return logits * scale
 
 
 @triton.jit
@@ -96,6 +130,7 @@ def _row_stats_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     """Per (token block, split): running max m, argmax, s = sum e^(l-m), a = sum e^(l-m)(l-m), o = sum e^(l-m) c."""
     pid_n = tl.program_id(0)
@@ -109,7 +144,7 @@ def _row_stats_kernel(
         mask=mask_n[:, None] & mask_d[None, :],
         other=0.0,
     )
-    z = z.to(DOT_DTYPE)
+    z = _dot_operand(z, DOT_DTYPE, ROUND_BF16)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     run_idx = tl.zeros((BLOCK_N,), tl.int32)
@@ -126,11 +161,9 @@ def _row_stats_kernel(
             mask=mask_k[:, None] & mask_d[None, :],
             other=0.0,
         )
-        c = c.to(DOT_DTYPE)
-        logits = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
-        if HAS_BIAS:
-            logits += tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where(mask_k[None, :], logits * scale, float("-inf"))
+        c = _dot_operand(c, DOT_DTYPE, ROUND_BF16)
+        logits = _scaled_logits(z, c, bias_ptr, offs_k, mask_k, scale, HAS_BIAS, PRECISION)
+        logits = tl.where(mask_k[None, :], logits, float("-inf"))
         tile_max = tl.max(logits, axis=1)
         tile_idx = tl.argmax(logits, axis=1) + k0
         run_idx = tl.where(tile_max > run_max, tile_idx, run_idx)
@@ -145,7 +178,7 @@ def _row_stats_kernel(
         run_sum = rescale * run_sum + tl.sum(probs, axis=1)
         if SOFT_OUTPUT:
             run_out = run_out * rescale[:, None] + tl.dot(
-                probs.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32
+                _dot_operand(probs, DOT_DTYPE, ROUND_BF16), c, input_precision=PRECISION, out_dtype=tl.float32
             )
         run_max = new_max
 
@@ -166,6 +199,7 @@ def _row_grad_kernel(
     z_ptr,
     c_ptr,
     g_ptr,
+    bias_ptr,
     lse_ptr,
     delta_ptr,
     entropy_ptr,
@@ -181,58 +215,76 @@ def _row_grad_kernel(
     scale,
     coef,
     MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
-    """dz for one token block.
+    """dz = dl C for one token block, looping over all codes.
 
-    IBQ: dz = sum_k p_k (g.c_k - delta) c_k.  Entropy: with A = sum_k p_k (log q_k - log p_k) c_k, O = sum_k p_k c_k
-    and E = sum_k p_k log q_k (all in one sweep), dz = coef * (A - (H + E) O); E is stored for the dC pass.
+    IBQ: dl = p (g.c_k - delta).  Entropy: a first sweep gives E_n = sum_k p_nk log q_k (stored for the dC pass),
+    then dl = coef * p (log q_k - log p - H - E), the per-element weight the dC pass uses too. (Not as
+    A - (H + E) O with A = sum_k p (log q - log p) c and O = sum_k p c: same math, one sweep, but its bf16 operands
+    p (log q - log p) are ~|log q| where dl is ~0, and the two terms cancel to ~1e-2 of their size at T = 0.01.)
     """
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-    z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0)
+    z = _dot_operand(z, DOT_DTYPE, ROUND_BF16)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     if MODE == 0:
-        g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :], mask=mask_nd, other=0.0).to(
-            DOT_DTYPE
-        )
+        g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :], mask=mask_nd, other=0.0)
+        g = _dot_operand(g, DOT_DTYPE, ROUND_BF16)
         delta = tl.load(delta_ptr + offs_n, mask=mask_n, other=0.0)
+    else:
+        cross = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            c = tl.load(
+                c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :],
+                mask=mask_k[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            c = _dot_operand(c, DOT_DTYPE, ROUND_BF16)
+            log_probs = (
+                _scaled_logits(z, c, bias_ptr, offs_k, mask_k, scale, HAS_BIAS, PRECISION) - lse[:, None]
+            )
+            probs = tl.where(mask_k[None, :], tl.exp(log_probs), 0.0)
+            log_avg = tl.load(log_avg_ptr + offs_k, mask=mask_k, other=0.0)
+            cross += tl.sum(probs * log_avg[None, :], axis=1)
+        tl.store(cross_ptr + offs_n, cross, mask=mask_n)
+        offset = tl.load(entropy_ptr + offs_n, mask=mask_n, other=0.0) + cross
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    acc_out = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    cross = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         c = tl.load(
             c_ptr + offs_k[:, None] * stride_ck + offs_d[None, :],
-            mask=mask_k[:, None] & (offs_d < D)[None, :],
+            mask=mask_k[:, None] & mask_d[None, :],
             other=0.0,
         )
-        c = c.to(DOT_DTYPE)
-        logits = tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32) * scale
-        log_probs = logits - lse[:, None]
+        c = _dot_operand(c, DOT_DTYPE, ROUND_BF16)
+        log_probs = _scaled_logits(z, c, bias_ptr, offs_k, mask_k, scale, HAS_BIAS, PRECISION) - lse[:, None]
         probs = tl.where(mask_k[None, :], tl.exp(log_probs), 0.0)
         if MODE == 0:
             dprobs = tl.dot(g, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
             dlogits = probs * (dprobs - delta[:, None])
-            acc += tl.dot(dlogits.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
         else:
             log_avg = tl.load(log_avg_ptr + offs_k, mask=mask_k, other=0.0)
-            weighted = tl.where(mask_k[None, :], probs * (log_avg[None, :] - log_probs), 0.0)
-            acc += tl.dot(weighted.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
-            acc_out += tl.dot(probs.to(DOT_DTYPE), c, input_precision=PRECISION, out_dtype=tl.float32)
-            cross += tl.sum(probs * log_avg[None, :], axis=1)
-    if MODE == 1:
-        row_entropy = tl.load(entropy_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = coef * (acc - (row_entropy + cross)[:, None] * acc_out)
-        tl.store(cross_ptr + offs_n, cross, mask=mask_n)
+            dlogits = tl.where(
+                mask_k[None, :], coef * probs * (log_avg[None, :] - log_probs - offset[:, None]), 0.0
+            )
+        acc += tl.dot(
+            _dot_operand(dlogits, DOT_DTYPE, ROUND_BF16), c, input_precision=PRECISION, out_dtype=tl.float32
+        )
     tl.store(dz_ptr + offs_n[:, None] * D + offs_d[None, :], acc, mask=mask_nd)
 
 
@@ -241,6 +293,7 @@ def _col_grad_kernel(
     z_ptr,
     c_ptr,
     g_ptr,
+    bias_ptr,
     lse_ptr,
     delta_ptr,
     offset_ptr,
@@ -256,15 +309,18 @@ def _col_grad_kernel(
     scale,
     coef,
     MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     """For one code block, sweeping all tokens: dC = dl^T z (IBQ, entropy) or the column sums of p (PROB_SUM).
 
-    IBQ: dl = p (g.c - delta).  Entropy: dl = coef * p (log q_k - log p - offset_n) with offset = H + E.
+    IBQ: dl = p (g.c - delta).  Entropy: dl = coef * p (log q_k - log p - offset_n) with offset = H + E, and with
+    a bias also db = sum_n dl (into colsum).
     """
     pid_k = tl.program_id(0)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -276,7 +332,7 @@ def _col_grad_kernel(
         mask=mask_k[:, None] & mask_d[None, :],
         other=0.0,
     )
-    c = c.to(DOT_DTYPE)
+    c = _dot_operand(c, DOT_DTYPE, ROUND_BF16)
     if MODE == 1:
         log_avg = tl.load(log_avg_ptr + offs_k, mask=mask_k, other=0.0)
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
@@ -285,33 +341,40 @@ def _col_grad_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0).to(
-            DOT_DTYPE
-        )
+        z = tl.load(z_ptr + offs_n[:, None] * stride_zn + offs_d[None, :], mask=mask_nd, other=0.0)
+        z = _dot_operand(z, DOT_DTYPE, ROUND_BF16)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         valid = mask_n[:, None] & mask_k[None, :]
-        log_probs = (
-            tl.dot(z, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32) * scale - lse[:, None]
-        )
+        log_probs = _scaled_logits(z, c, bias_ptr, offs_k, mask_k, scale, HAS_BIAS, PRECISION) - lse[:, None]
         probs = tl.where(valid, tl.exp(log_probs), 0.0)
         if MODE == 2:
             colsum += tl.sum(probs, axis=0)
         else:
             if MODE == 0:
                 g = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :], mask=mask_nd, other=0.0)
+                g = _dot_operand(g, DOT_DTYPE, ROUND_BF16)
                 delta = tl.load(delta_ptr + offs_n, mask=mask_n, other=0.0)
-                dprobs = tl.dot(g.to(DOT_DTYPE), tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
+                dprobs = tl.dot(g, tl.trans(c), input_precision=PRECISION, out_dtype=tl.float32)
                 dlogits = probs * (dprobs - delta[:, None])
             else:
                 offset = tl.load(offset_ptr + offs_n, mask=mask_n, other=0.0)
                 dlogits = tl.where(
                     valid, coef * probs * (log_avg[None, :] - log_probs - offset[:, None]), 0.0
                 )
-            acc += tl.dot(tl.trans(dlogits.to(DOT_DTYPE)), z, input_precision=PRECISION, out_dtype=tl.float32)
+                if HAS_BIAS:
+                    colsum += tl.sum(dlogits, axis=0)
+            acc += tl.dot(
+                tl.trans(_dot_operand(dlogits, DOT_DTYPE, ROUND_BF16)),
+                z,
+                input_precision=PRECISION,
+                out_dtype=tl.float32,
+            )
     if MODE == 2:
         tl.store(colsum_ptr + offs_k, colsum, mask=mask_k)
     else:
         tl.store(dc_ptr + offs_k[:, None] * D + offs_d[None, :], acc, mask=mask_k[:, None] & mask_d[None, :])
+        if HAS_BIAS:
+            tl.store(colsum_ptr + offs_k, colsum, mask=mask_k)
 
 
 def _num_splits(n_blocks: int, k_blocks: int, config: TritonConfig) -> int:
@@ -347,7 +410,6 @@ def row_softmax_stats(
     part_sum = torch.empty(splits, n, dtype=torch.float32, device=device)
     part_plogp = torch.empty(splits, n, dtype=torch.float32, device=device) if entropy else part_sum
     part_out = torch.empty(splits, n, dim, dtype=torch.float32, device=device) if soft_output else part_sum
-    dot_dtype, precision = _dot_settings(z, codebook)
     _row_stats_kernel[(n_blocks, splits)](
         z,
         codebook,
@@ -370,10 +432,9 @@ def row_softmax_stats(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype,
-        PRECISION=precision,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **_dot_settings(z, codebook),
     )
     best_max, best_split = part_max.max(dim=0)
     indices = part_idx.gather(0, best_split[None]).squeeze(0).long()
@@ -388,16 +449,17 @@ def row_softmax_stats(
     return RowStats(indices=indices, lse=lse, entropy=row_entropy, soft_output=soft)
 
 
-def _launch_common(z: torch.Tensor, codebook: torch.Tensor, cfg: TritonConfig) -> dict:
-    dot_dtype, precision = _dot_settings(z, codebook)
+def _launch_common(
+    z: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, cfg: TritonConfig
+) -> dict:
     return dict(
+        HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_D=_block_d(z.shape[1]),
-        DOT_DTYPE=dot_dtype,
-        PRECISION=precision,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **_dot_settings(z, codebook),
     )
 
 
@@ -407,18 +469,20 @@ def column_prob_sum(
     lse: torch.Tensor,
     scale: float = 1.0,
     *,
+    bias: torch.Tensor | None = None,
     config: TritonConfig | None = None,
 ) -> torch.Tensor:
     """Triton twin of `reference.column_prob_sum`: sum_n p_nk [K] fp32."""
     cfg = CONFIG if config is None else config
     z, codebook, lse = z.contiguous(), codebook.contiguous(), lse.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else lse
     n, dim = z.shape
     k = codebook.shape[0]
     colsum = torch.empty(k, dtype=torch.float32, device=z.device)
     _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
-        z, codebook, z, lse, lse, lse, lse, colsum, colsum,
+        z, codebook, z, bias_arg, lse, lse, lse, lse, colsum, colsum,
         n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), 0.0,
-        MODE=MODE_PROB_SUM, **_launch_common(z, codebook, cfg),
+        MODE=MODE_PROB_SUM, **_launch_common(z, codebook, bias, cfg),
     )  # fmt: skip
     return colsum
 
@@ -438,16 +502,16 @@ def ibq_backward(
     lse, delta = lse.contiguous(), delta.contiguous()
     n, dim = z.shape
     k = codebook.shape[0]
-    common = _launch_common(z, codebook, cfg)
+    common = _launch_common(z, codebook, None, cfg)
     grad_z = torch.empty(n, dim, dtype=torch.float32, device=z.device)
     grad_codebook = torch.empty(k, dim, dtype=torch.float32, device=z.device)
     _row_grad_kernel[(triton.cdiv(n, cfg.block_n),)](
-        z, codebook, grad, lse, delta, lse, lse, grad_z, lse,
+        z, codebook, grad, lse, lse, delta, lse, lse, grad_z, lse,
         n, k, dim, z.stride(0), codebook.stride(0), grad.stride(0), 1.0, 1.0,
         MODE=MODE_IBQ, **common,
     )  # fmt: skip
     _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
-        z, codebook, grad, lse, delta, lse, lse, grad_codebook, lse,
+        z, codebook, grad, lse, lse, delta, lse, lse, grad_codebook, lse,
         n, k, dim, z.stride(0), codebook.stride(0), grad.stride(0), 1.0, 1.0,
         MODE=MODE_IBQ, **common,
     )  # fmt: skip
@@ -462,28 +526,32 @@ def entropy_backward(
     log_avg_probs: torch.Tensor,
     scale: float,
     *,
+    bias: torch.Tensor | None = None,
     config: TritonConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `reference.entropy_backward`: fp32 (dz, dC) of mean_n H(p_n) - H(mean_n p_n)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton twin of `reference.entropy_backward`: fp32 (dz, dC, db or None) of mean_n H(p_n) - H(mean_n p_n)."""
     cfg = CONFIG if config is None else config
     z, codebook = z.contiguous(), codebook.contiguous()
     lse, row_entropy, log_avg_probs = lse.contiguous(), row_entropy.contiguous(), log_avg_probs.contiguous()
+    bias_arg = bias.contiguous() if bias is not None else lse
     n, dim = z.shape
     k = codebook.shape[0]
     coef = scale / n
-    common = _launch_common(z, codebook, cfg)
+    common = _launch_common(z, codebook, bias, cfg)
     grad_z = torch.empty(n, dim, dtype=torch.float32, device=z.device)
     grad_codebook = torch.empty(k, dim, dtype=torch.float32, device=z.device)
+    grad_bias = torch.empty(k, dtype=torch.float32, device=z.device) if bias is not None else None
     cross = torch.empty(n, dtype=torch.float32, device=z.device)
     _row_grad_kernel[(triton.cdiv(n, cfg.block_n),)](
-        z, codebook, z, lse, lse, row_entropy, log_avg_probs, grad_z, cross,
+        z, codebook, z, bias_arg, lse, lse, row_entropy, log_avg_probs, grad_z, cross,
         n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), coef,
         MODE=MODE_ENTROPY, **common,
     )  # fmt: skip
     offset = row_entropy + cross
     _col_grad_kernel[(triton.cdiv(k, cfg.block_k),)](
-        z, codebook, z, lse, lse, offset, log_avg_probs, grad_codebook, lse,
+        z, codebook, z, bias_arg, lse, lse, offset, log_avg_probs, grad_codebook,
+        grad_bias if grad_bias is not None else lse,
         n, k, dim, z.stride(0), codebook.stride(0), 0, float(scale), coef,
         MODE=MODE_ENTROPY, **common,
     )  # fmt: skip
-    return grad_z, grad_codebook
+    return grad_z, grad_codebook, grad_bias

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling.layers import NormalInitLinear
 from modeling.llm.config import LLMConfig
-from modeling.llm.tensor_parallel import build_column_linear, build_row_linear
 
 
 @functools.cache
@@ -180,14 +180,15 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: LLMConfig, layer_index: int) -> None:
         super().__init__()
-        tp = config.tensor_parallel_size
         self.layer_index = layer_index
         self.head_dim = config.head_dim
-        self.num_heads = config.num_heads // tp
-        self.num_kv_heads = config.num_kv_heads // tp
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
         qkv_size = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        self.linear_qkv = build_column_linear(config, config.hidden_size, qkv_size, bias=config.qkv_bias)
-        self.linear_proj = build_row_linear(config, config.num_heads * config.head_dim, config.hidden_size)
+        self.linear_qkv = NormalInitLinear(config.hidden_size, qkv_size, config.qkv_bias, config.init_std)
+        self.linear_proj = NormalInitLinear(
+            config.num_heads * config.head_dim, config.hidden_size, False, config.output_init_std
+        )
 
     def forward(
         self,

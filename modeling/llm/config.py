@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 AttentionBackend = Literal["auto", "sdpa", "flash", "varlen"]
 
@@ -19,9 +20,16 @@ class LLMConfig:
     `num_kv_heads` = `num_heads` is multi-head attention, fewer is grouped-query attention (Megatron's
     `num_query_groups`). `attention_backend`: "sdpa" (torch SDPA with a block mask), "flash" (flash-attn
     varlen), "varlen" (torch's varlen flash kernel), both CUDA and fp16/bf16 only; "auto" (flash-attn when
-    installed, else torch's varlen kernel, on CUDA in fp16/bf16; SDPA otherwise). `tensor_parallel_size` > 1 builds megatron-core
-    tensor-parallel layers (see modeling/llm/tensor_parallel.py for what is supported).
+    installed, else torch's varlen kernel, on CUDA in fp16/bf16; SDPA otherwise).
     """
+
+    # Options that older versions had -> why they are gone. `without_removed_defaults` drops them from saved
+    # configs where they had their no-op value; any other value gets this message.
+    REMOVED_OPTIONS: ClassVar[dict[str, str]] = {
+        "tensor_parallel_size": "tensor parallelism was removed (training parallelism is DeepSpeed ZeRO-3 data "
+        "parallelism); drop tensor_parallel_size from the config",
+    }
+    REMOVED_DEFAULTS: ClassVar[dict[str, object]] = {"tensor_parallel_size": 1}
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -36,7 +44,6 @@ class LLMConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     activation_checkpointing: bool = False
-    tensor_parallel_size: int = 1
     attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
@@ -45,6 +52,12 @@ class LLMConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def output_init_std(self) -> float:
+        """Init std of the output projections (attention out, MLP down): init_std / sqrt(2 num_layers), Megatron's
+        `output_layer_init_method`."""
+        return self.init_std / math.sqrt(2.0 * self.num_layers)
 
     def validate(self) -> None:
         """Raise ValueError naming the option when the shape is inconsistent."""
@@ -75,14 +88,19 @@ class LLMConfig:
                 "LLMConfig.attention_backend must be 'auto', 'sdpa', 'flash' or 'varlen', got "
                 f"{self.attention_backend!r}"
             )
-        tp = self.tensor_parallel_size
-        if tp < 1:
-            raise ValueError(f"LLMConfig.tensor_parallel_size must be >= 1, got {tp}")
-        for name in ("num_kv_heads", "vocab_size", "intermediate_size"):
-            if getattr(self, name) % tp:
-                raise ValueError(
-                    f"LLMConfig.{name} ({getattr(self, name)}) must be divisible by tensor_parallel_size ({tp})"
-                )
+
+    @classmethod
+    def without_removed_defaults(cls, data: dict, source: str) -> dict:
+        """A saved config (llm_config.json, the model.llm section of a checkpoint's or export's run config) without
+        the removed options that older versions wrote at their no-op value; ValueError naming `source` and the
+        option when one is set to anything else."""
+        data = {
+            k: v for k, v in data.items() if k not in cls.REMOVED_DEFAULTS or v != cls.REMOVED_DEFAULTS[k]
+        }
+        removed = sorted(set(data) & set(cls.REMOVED_OPTIONS))
+        if removed:
+            raise ValueError(f"{source}: LLMConfig.{removed[0]}: {cls.REMOVED_OPTIONS[removed[0]]}")
+        return data
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -92,7 +110,7 @@ class LLMConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LLM config not found: {path}")
-        data = json.loads(path.read_text())
+        data = cls.without_removed_defaults(json.loads(path.read_text()), str(path))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

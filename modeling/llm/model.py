@@ -12,7 +12,8 @@ Parameter names follow megatron-core's local GPT layer spec:
   output_layer.weight                                      [V, C]   (absent when tied)
 
 Layer i: h = x + Attn(RMSNorm(x)); y = h + W2 (silu(W_gate RMSNorm(h)) * W_up RMSNorm(h)).
-Our on-disk format is `llm_config.json` + `model.safetensors` (the full, tp = 1 state dict).
+Our on-disk format is `llm_config.json` + `model.safetensors` (the state dict); training/hf_convert.py reads and
+writes transformers' layout.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from modeling.layers import NormalInitEmbedding, NormalInitLinear
 from modeling.llm.attention import (
     AttentionMask,
     KVCache,
@@ -34,18 +36,10 @@ from modeling.llm.attention import (
     rotary_cos_sin,
 )
 from modeling.llm.config import LLMConfig
-from modeling.llm.tensor_parallel import (
-    build_column_linear,
-    build_embedding,
-    build_output_layer,
-    build_row_linear,
-    gather_state_dict,
-    shard_state_dict,
-)
 
 CONFIG_FILE = "llm_config.json"
 WEIGHTS_FILE = "model.safetensors"
-RUNTIME_OPTIONS = {"activation_checkpointing", "attention_backend", "tensor_parallel_size"}
+RUNTIME_OPTIONS = {"activation_checkpointing", "attention_backend"}
 
 
 class LMOutput(NamedTuple):
@@ -62,10 +56,12 @@ class MLP(nn.Module):
 
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
-        self.linear_fc1 = build_column_linear(
-            config, config.hidden_size, 2 * config.intermediate_size, bias=False, stride=2
+        self.linear_fc1 = NormalInitLinear(
+            config.hidden_size, 2 * config.intermediate_size, False, config.init_std
         )
-        self.linear_fc2 = build_row_linear(config, config.intermediate_size, config.hidden_size)
+        self.linear_fc2 = NormalInitLinear(
+            config.intermediate_size, config.hidden_size, False, config.output_init_std
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)
@@ -107,9 +103,16 @@ class DecoderLM(nn.Module):
         config.validate()
         self.config = config
         self.embedding = nn.Module()
-        self.embedding.word_embeddings = build_embedding(config)
+        self.embedding.word_embeddings = NormalInitEmbedding(
+            config.vocab_size, config.hidden_size, config.init_std
+        )
         self.decoder = TransformerBlock(config)
-        self.output_layer = build_output_layer(config)
+        # The LM head [V, C]; None when tied (the logits multiply by the embedding).
+        self.output_layer = (
+            None
+            if config.tie_embeddings
+            else NormalInitLinear(config.hidden_size, config.vocab_size, False, config.init_std)
+        )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, C]."""
@@ -171,11 +174,8 @@ class DecoderLM(nn.Module):
         return inputs_embeds
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        embedding_weight = self.embedding.word_embeddings.weight
         if self.output_layer is None:
-            return F.linear(hidden, embedding_weight)
-        if self.config.tie_embeddings:
-            return self.output_layer(hidden, weight=embedding_weight)
+            return F.linear(hidden, self.embedding.word_embeddings.weight)
         return self.output_layer(hidden)
 
     @torch.no_grad()
@@ -183,8 +183,6 @@ class DecoderLM(nn.Module):
         """Grow the vocabulary (e.g. for added special tokens); new embedding rows (and head rows when untied)
         are the mean of the old rows, so new tokens start at the average token. Shrinking is refused."""
         old = self.config.vocab_size
-        if self.config.tensor_parallel_size > 1:
-            raise ValueError("resize_token_embeddings is tp = 1 only: resize before sharding")
         if new_vocab_size < old:
             raise ValueError(f"resize_token_embeddings: new_vocab_size {new_vocab_size} < current {old}")
         if new_vocab_size == old:
@@ -197,23 +195,12 @@ class DecoderLM(nn.Module):
             self.output_layer.out_features = new_vocab_size
         self.config.vocab_size = new_vocab_size
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tp = 1 state dict (gathered across tensor-parallel ranks when tp > 1)."""
-        if self.config.tensor_parallel_size > 1:
-            return gather_state_dict(self.state_dict(), self.config.tensor_parallel_size)
-        return self.state_dict()
-
-    def load_full_state_dict(
+    def load_checked_state_dict(
         self, state_dict: dict[str, torch.Tensor], source: str = "state dict", assign: bool = False
     ) -> None:
-        """Load a tp = 1 state dict (sharded to this rank when tp > 1); errors name `source` and the tensor.
-        assign=True replaces the parameters by the given tensors instead of copying into them."""
-        tp = self.config.tensor_parallel_size
-        if tp > 1:
-            from megatron.core import parallel_state
-
-            state_dict = shard_state_dict(state_dict, parallel_state.get_tensor_model_parallel_rank(), tp)
-        expected = {name: t for name, t in self.state_dict().items() if not name.endswith("_extra_state")}
+        """Load a complete state dict; missing, unexpected or misshapen tensors raise ValueError naming `source`
+        and the tensor. assign=True replaces the parameters by the given tensors instead of copying into them."""
+        expected = self.state_dict()
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
@@ -226,21 +213,19 @@ class DecoderLM(nn.Module):
         self.load_state_dict(state_dict, strict=False, assign=assign)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write llm_config.json + model.safetensors (full weights; at tp > 1 rank 0 writes, all ranks gather)."""
-        state_dict = self.full_state_dict()
-        if self.config.tensor_parallel_size > 1 and torch.distributed.get_rank() != 0:
-            return
+        """Write llm_config.json + model.safetensors."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.config.to_json(out_dir / CONFIG_FILE)
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE)
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(out_dir / WEIGHTS_FILE),
         )
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **config_overrides) -> DecoderLM:
         """Read our format; `config_overrides` set run-time options (activation_checkpointing,
-        attention_backend, tensor_parallel_size), never shapes."""
+        attention_backend), never shapes."""
         shape_fields = sorted(set(config_overrides) - RUNTIME_OPTIONS)
         if shape_fields:
             raise ValueError(
@@ -257,15 +242,11 @@ class DecoderLM(nn.Module):
     def from_state_dict(
         cls, config: LLMConfig, state_dict: dict[str, torch.Tensor], source: str = "state dict"
     ) -> DecoderLM:
-        """Build a model holding a full (tp = 1) state dict. At tp = 1 the model is built on the meta device
-        and takes the tensors as they are (no random init, the dtype of the tensors)."""
-        if config.tensor_parallel_size > 1:
-            model = cls(config)
-            model.load_full_state_dict(state_dict, source=source)
-            return model
+        """Build a model holding `state_dict`: built on the meta device, it takes the tensors as they are (no
+        random init, the dtype of the tensors)."""
         with torch.device("meta"):
             model = cls(config)
-        model.load_full_state_dict(state_dict, source=source, assign=True)
+        model.load_checked_state_dict(state_dict, source=source, assign=True)
         return model
 
 

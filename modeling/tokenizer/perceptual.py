@@ -114,6 +114,10 @@ class LPIPS(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Computed in the network's own dtype (fp32): bf16 images from a bf16 engine are cast, not promoted
+        halfway by the fp32 shift/scale buffers."""
+        dtype = self.shift.dtype
+        x, y = x.to(dtype), y.to(dtype)
         feats_x = self.net((x - self.shift) / self.scale)
         feats_y = self.net((y - self.shift) / self.scale)
         total = x.new_zeros(x.shape[0])

@@ -28,8 +28,14 @@ class QuantizerOutput(NamedTuple):
 
 
 def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
-    """perplexity = exp(H(code histogram)); usage = fraction of the K codes chosen at least once in `indices`."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    """perplexity = exp(H(code histogram)); usage = fraction of the K codes chosen at least once in `indices`.
+
+    Device tensors, computed without a host sync: the histogram is a fixed-size [K] index_add_ (torch.bincount
+    reads max(indices) back to the host on CUDA to size its output). Same integer counts, so the same values.
+    """
+    flat = indices.reshape(-1)
+    counts = torch.zeros(codebook_size, dtype=torch.long, device=flat.device)
+    counts = counts.index_add_(0, flat, torch.ones_like(flat)).float()
     probs = counts / counts.sum().clamp_min(1.0)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
     return {"perplexity": entropy.exp(), "usage": (counts > 0).float().mean()}
@@ -54,8 +60,8 @@ class Codebook(nn.Embedding):
 
 
 class Quantizer(nn.Module, abc.ABC):
-    """Shared parts: the codebook (an nn.Embedding leaf, so ZeRO-3 partitions it like any weight), flattening,
-    and a running usage count across training steps (`code_counts`, not saved with the weights).
+    """Shared parts: the codebook (an nn.Embedding leaf, so ZeRO-3 partitions it like any weight) and flattening.
+    The forward never synchronises with the host; its usage statistics are device tensors (`usage_stats`).
 
     The codebook is only ever read by calling the embedding module (`codes()`, `embed()`), never through
     `.weight`, so that ZeRO-3's module hooks gather the partitioned parameter around each read."""
@@ -68,9 +74,6 @@ class Quantizer(nn.Module, abc.ABC):
         self.entropy_temperature = config.entropy_temperature
         self.use_entropy = config.loss.entropy_weight > 0
         self.embedding = Codebook(config.codebook_size, config.code_dim, uniform_bound)
-        self.register_buffer(
-            "code_counts", torch.zeros(config.codebook_size, dtype=torch.long), persistent=False
-        )
         self.register_buffer("code_ids", torch.arange(config.codebook_size), persistent=False)
 
     def codes(self) -> torch.Tensor:
@@ -81,13 +84,6 @@ class Quantizer(nn.Module, abc.ABC):
         """Plain codebook lookup: indices [...] -> [..., D]."""
         return self.embedding(indices)
 
-    def running_usage(self) -> float:
-        """Fraction of codes chosen at least once since the last `reset_usage()` (training steps only)."""
-        return (self.code_counts > 0).float().mean().item()
-
-    def reset_usage(self) -> None:
-        self.code_counts.zero_()
-
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
         if d != self.code_dim:
@@ -96,9 +92,6 @@ class Quantizer(nn.Module, abc.ABC):
             )
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         z_q, indices, losses = self.quantize(z_flat)
-        if self.training:
-            with torch.no_grad():
-                self.code_counts += torch.bincount(indices, minlength=self.codebook_size)
         return QuantizerOutput(
             quantized=z_q.reshape(b, h, w, d).permute(0, 3, 1, 2),
             indices=indices.reshape(b, h, w),
@@ -137,8 +130,9 @@ class VectorQuantizer(Quantizer):
     z_q = sg(c_k*) + (z - sg(z)): forward value exactly c_k*, gradient straight through to z.
     L_quant = ||c_k* - sg(z)||^2 + beta ||z - sg(c_k*)||^2 (codebook + commitment): only the selected rows get
     codebook gradient. With `vq_l2_normalize`, z and the codes are unit-normalised before the lookup.
-    L_entropy uses the logits -||z - c_k||^2 / 2 at temperature T, computed by the same kernel on the augmented
-    vectors [z, 1] and [c_k, -||c_k||^2 / 2] (the -||z||^2 / 2 term is constant per row)."""
+    L_entropy uses the logits -||z - c_k||^2 / 2 at temperature T, computed by the same kernel as z.c_k + b_k with
+    the per-code bias b_k = -||c_k||^2 / 2 (differentiable; the -||z||^2 / 2 term is constant per row), so the
+    kernel sees the code dim D itself (an appended [c_k, b_k] column would make D = 257 at the paper's D = 256)."""
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__(config, uniform_bound=1.0 / config.codebook_size)
@@ -162,9 +156,7 @@ class VectorQuantizer(Quantizer):
         quant = F.mse_loss(selected, z.detach()) + self.beta * F.mse_loss(z, selected.detach())
         z_q = selected.detach() + (z - z.detach())
         if self.use_entropy:
-            z_aug = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=-1)
-            codes_aug = torch.cat([codebook, -half_sq_norm.to(codebook.dtype)[:, None]], dim=-1)
-            entropy = codebook_entropy_loss(z_aug, codes_aug, self.entropy_temperature)
+            entropy = codebook_entropy_loss(z, codebook, self.entropy_temperature, bias=-half_sq_norm)
         else:
             entropy = z.new_zeros(())
         return z_q, indices, {"quant": quant, "entropy": entropy}
