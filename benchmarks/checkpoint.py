@@ -6,16 +6,15 @@
 What runs (every phase in its own child process, so each starts fresh and its peak RSS is its own, read with
 os.wait4):
   data     the synthetic dataset and its sentencepiece tokenizer (data_pipeline.synthetic), a few dozen samples;
-  save     an ETT stage-2 engine built the way training/train.py builds it (TrainConfig dataclasses,
-           deepspeed.zero.Init, ZeRO-3 from ds_configs/zero3.json, torch AdamW, the replicated discriminator,
-           the streaming loader; one process, gloo, fp32), ONE real training step (so the Adam moments are
-           populated), then the timed blocking `CheckpointManager.save` (DeepSpeed shards + trainer state + RNG +
-           discriminator, atomic publish), --save-repeats times (median reported). The save returns when the
+  save     an ETT stage-2 engine built by training.trainer.Trainer (TrainConfig dataclasses, deepspeed.zero.Init,
+           ZeRO-3 from ds_configs/zero3.json, torch AdamW, the replicated discriminator, the streaming loader;
+           one process, gloo, fp32), ONE real training step (so the Adam moments are populated), then the
+           timed blocking `Trainer.save` (DeepSpeed shards + trainer state + RNG + discriminator, atomic publish), --save-repeats times (median reported). The save returns when the
            files are in the page cache (nothing calls fsync); the os.sync() that follows is timed separately.
            Digests (sha256) of every weight, of the fp32 optimizer partitions and
            Adam moments, and of the RNG state are written next to the checkpoint;
   load     a fresh engine built the same way but from a different seed (so its weights differ before the load),
-           then the timed resume path of training/train.py: resolve_resume, `engine.load_checkpoint`, the loader
+           then the timed resume path of the Trainer: resolve_resume, `engine.load_checkpoint`, the loader
            state, the RNG state and the discriminator. It checks that every weight, optimizer partition and Adam
            moment is bitwise equal to the saved one (`weights_match`, `optimizer_state_match`);
   baseline the same export command on a checkpoint of the tiny (`small`) model: the interpreter, the modules the
@@ -182,81 +181,41 @@ def parameter_counts(model) -> dict[str, int]:
     return counts
 
 
-def build_stage(cfg, seed: int):
-    """What training/train.py's run_stage builds before its loop (fresh start), from `seed`."""
-    from training.engine import build_ds_config, init_distributed
-    from training.train import build_stage as build_training_stage
-
-    rank, local_rank, world_size = init_distributed()
-    ds_config = build_ds_config(cfg, world_size)
-    engine, scheduler, loader, disc_state = build_training_stage(
-        cfg, ds_config, rank, local_rank, world_size, seed=seed
-    )
-    return rank, world_size, engine, scheduler, loader, disc_state
-
-
 def phase_save(work: Path, size: str, repeats: int = 1) -> dict:
     import torch
 
     from training import checkpoint as ckpt
-    from training.config import to_dict
-    from training.stages import stage_model_inputs
+    from training.trainer import Trainer
 
     cfg = make_config(size, work)
     progress("save: building the ZeRO-3 engine (deepspeed.zero.Init, AdamW, discriminator, loader)")
     start = time.perf_counter()
-    rank, world_size, engine, scheduler, loader, disc_state = build_stage(cfg, cfg.train.seed)
+    trainer = Trainer(cfg)
+    trainer.setup("none")
     build_s = time.perf_counter() - start
+    engine, scheduler, disc_state, rank = trainer.engine, trainer.scheduler, trainer.discriminator, trainer.rank
+    disc = disc_state.discriminator if disc_state is not None else None
     counts = parameter_counts(engine.module)
     progress(f"save: one training step ({counts['total'] / 1e6:.1f}M parameters)")
     start = time.perf_counter()
-    kind, step = cfg.stage.kind, 0
     engine.train()
-    batch = next(loader)
-    inputs = stage_model_inputs(batch, kind)
-    disc = disc_state.discriminator if disc_state is not None else None
-    out = engine(inputs, kind=kind, discriminator=disc, step=step)
-    engine.backward(out.loss)
-    if disc_state is not None and disc_state.update is not None and out.reconstruction is not None:
-        disc_state.update.step(inputs["images"], out.reconstruction, step)
-    engine.step()
-    step += 1
-    loss = float(out.loss.detach())
+    loss = trainer.train_step()["loss/total"]
     step_s = time.perf_counter() - start
-
-    trainer_state = {
-        "step": step,
-        "consumed_samples": int(batch.get("num_samples", 0)),
-        "consumed_tokens": int(batch.get("num_tokens", 0)),
-        "stage": cfg.stage.name,
-        "kind": kind,
-        "fingerprint": cfg.fingerprint(),
-        "data": loader.state_dict(),
-        "config": to_dict(cfg),
-    }
-    rank_state = {"rng": ckpt.capture_rng_state()}
-    manager = ckpt.CheckpointManager(
-        work / "run" / "checkpoints", rank, world_size, keep_last=cfg.checkpoint.keep_last
-    )
     save_times = []
     for repeat in range(repeats):
         # Later repeats save the same state under the next step's tag, as a run saving every step would (and
         # prune, keep_last=2). os.sync() first so that no earlier save's dirty pages are being written back.
+        if repeat:
+            trainer.state.step += 1
         os.sync()
-        progress(f"save: CheckpointManager.save (timed, {repeat + 1}/{repeats})")
+        progress(f"save: Trainer.save (timed, {repeat + 1}/{repeats})")
         start = time.perf_counter()
-        path = manager.save(
-            engine,
-            step + repeat,
-            dict(trainer_state, step=step + repeat),
-            rank_state,
-            rank0_extra=disc_state.save if disc_state else None,
-        )
+        path = trainer.save()
         save_times.append(time.perf_counter() - start)
     start = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - start
-    step += repeats - 1
+    step = trainer.state.step
 
     progress("save: hashing the saved weights and optimizer state")
     digests = {
@@ -288,31 +247,29 @@ def phase_save(work: Path, size: str, repeats: int = 1) -> dict:
 
 def phase_load(work: Path, size: str) -> dict:
     from training import checkpoint as ckpt
+    from training.engine import build_ds_config
+    from training.trainer import Trainer
 
     cfg = make_config(size, work)
     saved = json.loads((work / "saved_digests.json").read_text())
     progress("load: building a fresh ZeRO-3 engine from a different seed")
     start = time.perf_counter()
-    rank, _, engine, scheduler, loader, disc_state = build_stage(cfg, cfg.train.seed + 1)
+    trainer = Trainer(cfg)
+    trainer.build(build_ds_config(cfg, trainer.world_size), fresh=True, seed=cfg.train.seed + 1)
     build_s = time.perf_counter() - start
+    engine, scheduler, disc_state, rank = trainer.engine, trainer.scheduler, trainer.discriminator, trainer.rank
     before = weight_digests(engine, rank)
     differing_before = sum(before[k] != saved["weights"].get(k) for k in before)
 
     progress("load: resolve_resume + engine.load_checkpoint + trainer state (timed)")
     start = time.perf_counter()
-    point = ckpt.resolve_resume("auto", work / "run" / "checkpoints")
+    point = trainer.resume_point("auto")
     if point is None:
         raise RuntimeError(f"no complete checkpoint under {work / 'run' / 'checkpoints'}")
-    if point.trainer_state.get("fingerprint") != cfg.fingerprint():
-        raise RuntimeError("fingerprint mismatch between the saved and the rebuilt configuration")
     engine.load_checkpoint(str(point.root), tag=point.tag, load_module_strict=True)
     engine_s = time.perf_counter() - start
+    trainer.state.load(point, rank, same_world=True)
     state = point.trainer_state
-    loader.load_state_dict(state["data"])
-    rank_state = point.rank_state(rank)
-    ckpt.restore_rng_state(rank_state["rng"])
-    if disc_state is not None:
-        disc_state.load(point.path)
     load_s = time.perf_counter() - start
 
     progress("load: comparing weights and optimizer state with the saved ones")

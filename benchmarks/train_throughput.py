@@ -9,15 +9,16 @@ the embedded synthetic data (`data_pipeline.synthetic`, written to a temporary d
 one process, ZeRO-3, fp32 on CPU and bf16 on CUDA. The two arms run one after the other, each in its own child
 process (clean peak-memory numbers, no DeepSpeed or accelerate global state shared between them):
 
-  ours      `training.train.run_stage`, the loop `python -m training.train` runs, unchanged: the model from
+  ours      `training.trainer.Trainer.fit`, the loop `python -m training.train` runs, unchanged: the model from
             training.stages.build_model under deepspeed.zero.Init, the engine from training.engine.build_engine
             with the ds_config of build_ds_config, batches from training.data.build_train_loader, its FLOP
             counting on the first step, per-step loss/grad-norm checks and metric logging (every
             train.log_every steps to metrics.jsonl and TensorBoard). Running the real loop rather than a copy
-            of it means that whatever the loop costs is measured. The benchmark only observes it: the loader is
-            wrapped to time each `next()` (data-loading wait) and to remember the batches, the run logger's
-            `advance()` stamps the end of each step (after a CUDA synchronize) and stops the run after the last
-            timed step (so no final checkpoint or hand-off is written), and a forward hook records each loss.
+            of it means that whatever the loop costs is measured. The benchmark only observes it, through the
+            Trainer's extension points: `build_loader` wraps the loader to time each `next()` (data-loading
+            wait) and to remember the batches, `after_step` stamps the end of each step (after a CUDA
+            synchronize) and records its loss, and `fit(stop_at=...)` ends after the last timed step (so no
+            final checkpoint or hand-off is written).
   baseline  the way LLaVA / Emu3 train today: `transformers.Trainer` with `TrainingArguments(deepspeed=<dict>)`
             (LLaVA's scripts/zero3.json: ZeRO-3, overlap_comm, contiguous_gradients, the HF "auto" bucket sizes
             reduce = h^2, prefetch = 0.9 h^2, persistence = 10 h with h the LLM hidden size, written out because
@@ -116,7 +117,7 @@ CONFIGS = {
                     "codebook_size": 32,
                     "loss": {"gan_weight": 0.0},
                 },
-                "ett": {"alpha": 0.25, "train_tokenizer": True},
+                "ett": {},
             },
             "data": {"image_size": [24, 48], "seq_len": 96, "num_workers": 0},
             "train": {"global_batch_size": 4, "micro_batch_size": 4, "log_every": 10, "progress": False},
@@ -156,7 +157,7 @@ CONFIGS = {
                     "codebook_size": 131072,
                     "loss": {"gan_weight": 0.0, "perceptual_weight": 0.0},
                 },
-                "ett": {"alpha": 0.25, "train_tokenizer": True},
+                "ett": {},
             },
             # A 256x256 image is 16x16 codes + 16 row ends + 2 markers = 274 positions; with its caption about 7
             # samples pack into a 2048-position row, so a step is ~8k positions and ~28 images.
@@ -204,8 +205,8 @@ def train_config(sections: dict):
         for f in dataclasses.fields(TrainConfig)
     }
     cfg = TrainConfig(**kwargs)
-    if cfg.stage.kind != "ett" or cfg.train.eval_every:
-        raise SystemExit("train_throughput: the workload is stage.kind=ett without evaluation")
+    if cfg.train.eval_every:
+        raise SystemExit("train_throughput: the workload runs without evaluation (train.eval_every=0)")
     return cfg
 
 
@@ -313,79 +314,55 @@ def _param_counts(module) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# arm 1: our trainer (training.train.run_stage, observed)
+# arm 1: our trainer (training.trainer.Trainer, with a clock)
 
 
-class _Done(Exception):
-    """Raised from the run logger after the last timed step: ends run_stage before its final save."""
+class TimedLoader:
+    """A loader that stamps how long each `next` waited, and otherwise is the loader it wraps."""
+
+    def __init__(self, inner, recorder: StepRecorder):
+        self.inner, self.recorder = inner, recorder
+
+    def __next__(self):
+        start = time.perf_counter()
+        batch = next(self.inner)
+        self.recorder.batch_taken(batch, time.perf_counter() - start)
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, stats
+        return getattr(self.inner, name)
 
 
 def run_ours(spec: dict) -> dict:
-    import training.data
-    import training.engine
-    import training.flops
-    import training.train
-    from training.run_log import RunLogger
+    from training.trainer import Trainer
 
     cfg = train_config(spec["sections"])
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    recorder = StepRecorder(spec["warmup"] + spec["steps"], accum)
+    total = spec["warmup"] + spec["steps"]
+    recorder = StepRecorder(total, accum)
     info: dict = {}
 
-    class TimedLoader:
-        def __init__(self, inner):
-            self.inner = inner
+    class TimedTrainer(Trainer):
+        """The trainer `python -m training.train` runs, with its loader timed and a clock after every step."""
 
-        def __next__(self):
-            start = time.perf_counter()
-            batch = next(self.inner)
-            recorder.batch_taken(batch, time.perf_counter() - start)
-            return batch
+        def build_loader(self):
+            return TimedLoader(super().build_loader(), recorder)
 
-        def __iter__(self):
-            return self
+        def after_step(self, terms: dict[str, float]) -> None:
+            recorder.losses.append(terms["loss/total"])
+            if "flops_breakdown" not in info:
+                recorder.fwd_flops = self.forward_flops
+                info["flops_breakdown"] = _flops_breakdown()
+            recorder.end_step()
 
-        def __getattr__(self, name):  # state_dict, load_state_dict, stats
-            return getattr(self.inner, name)
-
-    real_loader, real_engine, real_count = (
-        training.data.build_train_loader,
-        training.engine.build_engine,
-        training.flops.count_forward_flops,
-    )
-
-    def build_train_loader(cfg, rank, world_size):
-        return TimedLoader(real_loader(cfg, rank, world_size))
-
-    def build_engine(model, cfg, ds_config):
-        engine, optimizer, scheduler = real_engine(model, cfg, ds_config)
-        info["ds_config"] = ds_config
-        info["params"] = _param_counts(engine.module)
-        engine.module.register_forward_hook(lambda m, a, out: recorder.losses.append(out.loss.detach()))
-        return engine, optimizer, scheduler
-
-    def count_forward_flops(fn, *args, **kwargs):
-        flops, out = real_count(fn, *args, **kwargs)
-        recorder.fwd_flops = flops
-        info["flops_breakdown"] = _flops_breakdown()
-        return flops, out
-
-    class ObservedRunLogger(RunLogger):
-        def advance(self, n: int = 1) -> None:
-            super().advance(n)
-            if recorder.end_step():
-                raise _Done
-
-    training.data.build_train_loader = build_train_loader
-    training.engine.build_engine = build_engine
-    training.flops.count_forward_flops = count_forward_flops
-    training.train.RunLogger = ObservedRunLogger
-    try:
-        training.train.run_stage(cfg, "none")
-    except _Done:
-        pass
-    else:
-        raise RuntimeError("run_stage finished before the last timed step")
+    trainer = TimedTrainer(cfg)
+    trainer.setup("none")
+    info["ds_config"] = trainer.ds_config
+    info["params"] = _param_counts(trainer.engine.module)
+    trainer.fit(stop_at=total)
     return {**recorder.result(), **info}
 
 
@@ -424,8 +401,14 @@ def run_baseline(spec: dict) -> dict:
     from training.data import build_train_loader
     from training.engine import init_distributed, use_bf16
     from training.flops import count_forward_flops
-    from training.stages import build_model, register_zero3_external_parameters, stage_model_inputs
-    from training.train import seed_all
+    from training.stages import (
+        build_loss_modules,
+        build_model,
+        model_inputs,
+        register_zero3_external_parameters,
+        stage_spec,
+    )
+    from training.trainer import seed_all
 
     cfg = train_config(spec["sections"])
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
@@ -436,6 +419,8 @@ def run_baseline(spec: dict) -> dict:
     seed_all(cfg.train.seed)
     model = build_model(cfg)
     register_zero3_external_parameters(model)
+    spec_ = stage_spec(cfg)
+    losses, _ = build_loss_modules(cfg, model, torch.device("cuda") if torch.cuda.is_available() else None)
     loader = build_train_loader(cfg, 0, 1)
     batches = [next(loader) for _ in range(total * accum)]
     for batch in batches:
@@ -453,12 +438,17 @@ def run_baseline(spec: dict) -> dict:
 
     class ETTTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            model_inputs = stage_model_inputs(inputs, "ett")
+            batch = model_inputs(inputs, spec_.batch_keys)
+
+            def forward_loss():
+                outputs = model(**{k: batch[k] for k in spec_.model_keys if k in batch}, reconstruct=True)
+                return spec_.objective(outputs, batch, losses, self.state.global_step)
+
             if recorder.fwd_flops is None:
-                recorder.fwd_flops, out = count_forward_flops(model, model_inputs, kind="ett")
+                recorder.fwd_flops, out = count_forward_flops(forward_loss)
                 breakdown.update(_flops_breakdown())
             else:
-                out = model(model_inputs, kind="ett")
+                out = forward_loss()
             recorder.losses.append(out.loss.detach())
             return (out.loss, out) if return_outputs else out.loss
 

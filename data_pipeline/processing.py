@@ -1,15 +1,10 @@
 """One sample -> token ids, next-token labels, image targets and decoded images (before packing).
 
-Sequence layout (`TextTokenizer` special tokens; an image of h x w tokens, h = H / downsample, w = W / downsample,
-becomes IMAGE_START, (IMAGE_PLACEHOLDER x w, ROW_END) x h, IMAGE_END):
-
-- caption / interleaved / text: BOS, segments in order, EOS. Loss on every text token and on EOS.
-- chat: BOS, then per turn the role token (USER / ASSISTANT) and the turn's segments; an assistant turn ends with
-  EOS. Loss on assistant text tokens and their EOS only.
-- t2i: BOS, caption, image span, EOS. No text loss; `image_loss_mask[t]` is True where token t+1 is a placeholder
-  of the image, i.e. where the visual head predicts the next code. With probability `caption_dropout` the caption
-  is dropped (the null prompt of classifier-free guidance), decided by a per-sample RNG keyed on (seed, dataset,
-  draw), so the decision is the same however the data is sharded or resumed.
+The token layout of every task (image span, caption, chat and t2i) is data_pipeline/layouts.py, shared with
+inference. Here: decoding the images, the t2i caption dropout and the checks that skip unusable samples. With
+probability `caption_dropout` a t2i sample's caption is dropped (the null prompt of classifier-free guidance),
+decided by a per-sample RNG keyed on (seed, dataset, draw), so the decision is the same however the data is sharded
+or resumed.
 
 `labels[t]` is the target predicted at position t (already shifted), -100 where no loss.
 """
@@ -31,9 +26,8 @@ try:
 except ImportError:  # optional speed-up (requirements.txt installs it); PIL decodes JPEGs to the same pixels
     simplejpeg = None
 
+from data_pipeline.layouts import IGNORE, SequenceBuilder, image_grid
 from data_pipeline.text_tokenizer import TextTokenizer
-
-IGNORE = -100
 
 
 class SkipSample(Exception):
@@ -132,15 +126,12 @@ def _jpeg_rgb(data: bytes, image: Image.Image, needed: tuple[int, int]) -> np.nd
 
 
 class SampleProcessor:
-    """Turns a schema row into a `ProcessedSample`; raises `SkipSample` for unusable input."""
+    """Turns a schema row into a `ProcessedSample` (layout: data_pipeline/layouts.py); raises `SkipSample` for
+    unusable input."""
 
     def __init__(self, tokenizer: TextTokenizer, config: ProcessConfig):
         self.tok, self.cfg = tokenizer, config
-        h, w = config.image_size[0] // config.downsample, config.image_size[1] // config.downsample
-        t = tokenizer
-        self.image_span = (
-            [t.image_start_id] + ([t.image_placeholder_id] * w + [t.row_end_id]) * h + [t.image_end_id]
-        )
+        self.grid = image_grid(config.image_size, config.downsample)
 
     def __call__(self, sample: dict, key: tuple[int, ...]) -> ProcessedSample:
         task, segments = sample["task"], sample["segments"]
@@ -150,43 +141,22 @@ class SampleProcessor:
             rng = np.random.default_rng([self.cfg.seed, *key])
             if rng.random() < self.cfg.caption_dropout:
                 segments = [s for s in segments if s["image"] is not None]
-        ids, targets, image_targets, images, starts = [self.tok.bos_id], [False], [False], [], []
-        role = None
-
-        def emit(tokens: list[int], target: bool, image_target: bool = False) -> None:
-            ids.extend(tokens)
-            targets.extend([target] * len(tokens))
-            image_targets.extend([image_target] * len(tokens))
-
+        builder, images = SequenceBuilder(self.tok, self.grid, task), []
         for seg in segments:
-            if task == "chat":
-                seg_role = seg["role"] or "user"
-                if seg_role != role:
-                    if role == "assistant":
-                        emit([self.tok.eos_id], True)
-                    emit([self.tok.user_id if seg_role == "user" else self.tok.assistant_id], False)
-                    role = seg_role
             if seg["image"] is not None:
                 images.append(decode_image(seg["image"], self.cfg.image_size, self.cfg.resize))
-                starts.append(len(ids))
-                span_targets = [tid == self.tok.image_placeholder_id for tid in self.image_span]
-                ids.extend(self.image_span)
-                targets.extend([False] * len(self.image_span))
-                image_targets.extend(span_targets if task == "t2i" else [False] * len(self.image_span))
+                builder.image(seg.get("role"))
             else:
-                text_loss = task in ("caption", "interleaved", "text") or (
-                    task == "chat" and role == "assistant"
-                )
-                emit(self.tok.encode(seg["text"]), text_loss)
-        if task != "chat":
-            emit([self.tok.eos_id], task != "t2i")
-        elif role == "assistant":
-            emit([self.tok.eos_id], True)
-        input_ids = np.asarray(ids, dtype=np.int64)
-        labels = np.where(np.asarray(targets[1:] + [False]), np.append(input_ids[1:], 0), IGNORE)
-        image_loss_mask = np.asarray(image_targets[1:] + [False], dtype=bool)
+                builder.text(seg["text"], seg.get("role"))
+        seq = builder.finish()
+        labels, image_loss_mask = seq.labels(), seq.image_loss_mask()
         if not (labels != IGNORE).any() and not image_loss_mask.any():
             raise SkipSample("no_loss_target", f"task {task!r} sample has no token to train on")
         return ProcessedSample(
-            input_ids, labels.astype(np.int64), image_loss_mask, images, starts, len(self.image_span)
+            np.asarray(seq.input_ids, dtype=np.int64),
+            labels,
+            image_loss_mask,
+            images,
+            seq.image_starts,
+            seq.span_length,
         )

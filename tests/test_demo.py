@@ -14,11 +14,11 @@ import yaml
 from tests.conftest import REPO_ROOT, child_env
 from tests.tiny_configs import stage_config
 
-DEMO_RECIPE = Path(REPO_ROOT) / "training" / "recipes" / "demo.yaml"
+DEMO_RECIPE = Path(REPO_ROOT) / "examples" / "demo" / "recipe.yaml"
 
 
 def tiny_demo_recipe(out_dir: Path) -> Path:
-    """demo.yaml with its own output directory, tiny data, seed 1 only and the tiny test model."""
+    """The demo recipe with its own output directory, tiny data, seed 1 only and the tiny test model."""
     recipe = yaml.safe_load(DEMO_RECIPE.read_text())
     recipe["output_dir"] = str(out_dir)
     recipe.pop("templates")
@@ -70,6 +70,21 @@ def test_demo_recipe_runs_and_writes_the_report(tmp_path):
     assert "report written to" in result.stdout
 
 
+def test_stage2_example_config_loads_and_continues_the_demo(tiny_data, tmp_path):
+    """examples/stage2_ett.yaml is a valid stage config (paths moved to the test data) whose model is the demo's."""
+    from training.config import load_config
+    from training.run_config import TrainConfig
+
+    example = Path(REPO_ROOT) / "examples" / "stage2_ett.yaml"
+    text = example.read_text().replace("runs/demo/s1_align/final", str(tmp_path))
+    path = tmp_path / "stage2_ett.yaml"
+    path.write_text(text.replace("runs/demo/data", str(tiny_data)))
+    cfg = load_config(TrainConfig, path, [f"train.output_dir={tmp_path / 'run'}"])
+    assert cfg.stage.kind == "ett" and cfg.stage.init_from == str(tmp_path)
+    raw = yaml.safe_load(example.read_text())
+    assert raw["model"] == yaml.safe_load(DEMO_RECIPE.read_text())["defaults"]["model"]
+
+
 def _chat_batch(tiny_data, tmp_path):
     from training.config import from_dict
     from training.data import build_train_loader
@@ -109,6 +124,8 @@ def _assistant_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, tok) 
 def test_chat_sft_loss_leaves_user_turns_out(tiny_data, tmp_path):
     from data_pipeline.text_tokenizer import TextTokenizer
     from modeling.ett import ETTModel
+    from training.objectives import LossModules, caption_loss
+    from training.stages import STAGES
 
     cfg, batch = _chat_batch(tiny_data, tmp_path)
     tok = TextTokenizer.load(cfg.data.text_tokenizer)
@@ -120,13 +137,13 @@ def test_chat_sft_loss_leaves_user_turns_out(tiny_data, tmp_path):
 
     torch.manual_seed(0)
     model = ETTModel(cfg.model.llm, cfg.model.tokenizer, cfg.model.projector, cfg.model.ett)
-    image_embeds, _ = model.image_embeddings(batch["images"], with_tokenizer_terms=False)
+    image_embeds, _ = model.image_embeddings(batch["images"])
     embeds = model.input_embeddings(batch["input_ids"], batch["image_mask"], image_embeds)
     logits = model.llm(
         inputs_embeds=embeds, position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]
     ).logits.detach()
     logits.requires_grad_(True)
-    loss = model._text_objective(logits, batch["labels"], {}).loss
+    loss = caption_loss(logits, batch["labels"])[0]
     loss.backward()
     grad_per_position = logits.grad.abs().sum(-1)
     user_positions = (batch["segment_ids"] > 0) & ~expected
@@ -137,7 +154,9 @@ def test_chat_sft_loss_leaves_user_turns_out(tiny_data, tmp_path):
     reference = torch.nn.functional.cross_entropy(logits.detach()[expected], shifted[expected])
     assert math.isclose(float(loss.detach()), float(reference), rel_tol=1e-5)
     with torch.no_grad():
-        full = model(batch, kind="chat_sft")
+        spec = STAGES["chat_sft"]
+        outputs = model(**{k: batch[k] for k in spec.model_keys})
+        full = spec.objective(outputs, batch, LossModules(), 0)
     assert math.isclose(float(full.loss), float(reference), rel_tol=1e-4), (
         "chat_sft objective != naive reference"
     )

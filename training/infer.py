@@ -9,6 +9,9 @@
 Images are read as in training (data_pipeline.processing.decode_image: centre crop to the trained aspect, resize to
 data.image_size of the export's run config, scale to [-1, 1]) and written as RGB PNGs.
 
+Prompts are built by data_pipeline/layouts.py, the module that lays out the training samples, so inference sees
+exactly the token sequences training saw.
+
 caption   prefix = BOS, the image span (projected codebook embeddings at the placeholder positions), the optional
           prompt; a chat_sft export wraps it as BOS, USER, image, prompt, ASSISTANT. Decoding uses the LLM's KV
           cache (modeling.llm.generate) and stops at EOS.
@@ -28,7 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.layouts import caption_prompt, t2i_prompt
 from training.export import ExportError, load_handoff_state_dict, read_export_config, run_config_from_dict
+from training.stages import STAGES
 
 
 @dataclass
@@ -61,26 +66,18 @@ class LoadedExport:
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> LoadedExport:
     """Build the ETTModel of an export on the meta device and give it the exported tensors (fp32)."""
     from data_pipeline.text_tokenizer import TextTokenizer
-    from modeling.ett import ETTModel
     from modeling.tokenizer import VQTokenizer
+    from training.stages import build_model
 
     export_dir = Path(export_dir)
     manifest = read_export_config(export_dir)
     cfg = run_config_from_dict(manifest["config"])
     components = list(manifest["components"])
     with torch.device("meta"):
-        model = ETTModel(
-            cfg.model.llm,
-            cfg.model.tokenizer,
-            cfg.model.projector,
-            cfg.model.ett,
-            with_llm="llm" in components,
-            with_tokenizer="vision_tokenizer" in components,
-        )
-    if hasattr(model, "vq_loss"):
-        del model.vq_loss  # the training objective's modules are not part of an export
-        # The quantizer's non-persistent buffers (code ids, usage counts) are not in the weights: build the
-        # (small) vision tokenizer for real; its parameters are replaced by the exported ones below.
+        model = build_model(cfg)
+    if hasattr(model, "tokenizer"):
+        # The quantizer's non-persistent buffers (code ids) are not in the weights: build the (small) vision
+        # tokenizer for real; its parameters are replaced by the exported ones below.
         model.tokenizer = VQTokenizer(cfg.model.tokenizer)
     state = {k: v.float() for k, v in load_handoff_state_dict(export_dir).items()}
     expected = set(model.state_dict())
@@ -122,30 +119,23 @@ def _device_of(loaded: LoadedExport) -> torch.device:
     return next(loaded.model.parameters()).device
 
 
-def image_span_ids(tok, grid: tuple[int, int]) -> list[int]:
-    height, width = grid
-    return (
-        [tok.image_start_id]
-        + ([tok.image_placeholder_id] * width + [tok.row_end_id]) * height
-        + [tok.image_end_id]
-    )
+def caption_prompt_ids(loaded: LoadedExport, prompt: str | None = None) -> list[int]:
+    """The token ids before the generated text (data_pipeline.layouts.caption_prompt): BOS, image span, prompt; a
+    chat_sft export uses the chat layout BOS, USER, image span, prompt, ASSISTANT."""
+    chat = STAGES[loaded.config.stage.kind].chat
+    return caption_prompt(loaded.text_tokenizer, loaded.grid, prompt, chat=chat)
 
 
 @torch.no_grad()
 def caption_prefix(loaded: LoadedExport, image: torch.Tensor, prompt: str | None = None) -> torch.Tensor:
-    """The captioning prefix as input embeddings [1, S, C]: BOS, image span, prompt (chat_sft: BOS, USER, image,
-    prompt, ASSISTANT), with the projected image embeddings at the placeholder positions."""
+    """The captioning prefix (`caption_prompt_ids`) as input embeddings [1, S, C], with the projected image
+    embeddings at the placeholder positions."""
     loaded.require("llm", "vision_tokenizer", command="caption")
     tok, model = loaded.text_tokenizer, loaded.model
-    prompt_ids = tok.encode(prompt) if prompt else []
-    span = image_span_ids(tok, loaded.grid)
-    if loaded.config.stage.kind == "chat_sft":
-        ids = [tok.bos_id, tok.user_id, *span, *prompt_ids, tok.assistant_id]
-    else:
-        ids = [tok.bos_id, *span, *prompt_ids]
+    ids = caption_prompt_ids(loaded, prompt)
     device = _device_of(loaded)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    image_embeds, _ = model.image_embeddings(image.to(device), with_tokenizer_terms=False)
+    image_embeds, _ = model.image_embeddings(image.to(device))
     return model.input_embeddings(input_ids, input_ids == tok.image_placeholder_id, image_embeds)
 
 
@@ -181,11 +171,17 @@ def caption(
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
+def t2i_prompt_ids(loaded: LoadedExport, prompt: str) -> tuple[list[int], list[int]]:
+    """(conditional BOS, prompt, IMAGE_START; unconditional BOS, IMAGE_START): data_pipeline.layouts.t2i_prompt,
+    the t2i training layout up to the first image code (unconditional: the caption-dropped samples)."""
+    tok, grid = loaded.text_tokenizer, loaded.grid
+    return t2i_prompt(tok, grid, prompt), t2i_prompt(tok, grid, None)
+
+
 def t2i_prompts(loaded: LoadedExport, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditional [1, S] = BOS, prompt, IMAGE_START; unconditional [1, 2] = BOS, IMAGE_START)."""
-    tok, device = loaded.text_tokenizer, _device_of(loaded)
-    cond = [tok.bos_id, *tok.encode(prompt), tok.image_start_id]
-    uncond = [tok.bos_id, tok.image_start_id]
+    """`t2i_prompt_ids` as LongTensors (conditional [1, S], unconditional [1, 2]) on the model's device."""
+    cond, uncond = t2i_prompt_ids(loaded, prompt)
+    device = _device_of(loaded)
     return (
         torch.tensor([cond], dtype=torch.long, device=device),
         torch.tensor([uncond], dtype=torch.long, device=device),

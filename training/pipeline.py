@@ -1,19 +1,27 @@
 """Run a multi-stage recipe: `python -m training.pipeline --config RECIPE.yaml [--nproc N] [--only NAME ...]`.
 
-A recipe is YAML:
+A recipe is YAML (a complete one: examples/demo/recipe.yaml):
 
     output_dir: runs/demo
     nproc: 1                      # processes per training stage (local launch)
     defaults: {...}               # a stage config (training/run_config.py) merged under every stage
     steps:
-      - {name: data, run: synthetic, args: {out: "{output_dir}/data", seed: 0}}
+      - {name: data, run: python, module: data_pipeline.synthetic, args: {out: "{output_dir}/data", seed: 0}}
       - {name: stage0_tokenizer, run: train, config: {stage: {kind: tokenizer}, ...}}
       - {name: stage1_align, run: train, config: {stage: {kind: align, init_from: "@stage0_tokenizer"}}}
+      - {name: notify, run: command, command: [echo, "done: {output_dir}"], after: all}
+
+Step kinds (`run:`):
+  train    one training stage: `config:` (merged over `defaults:`) runs as `python -m training.train`.
+  python   `python -m MODULE` with `module: MODULE`; each `args:` entry becomes `--key value` (underscores in the key
+           become dashes; a list gives several values, true a bare flag, false or null nothing).
+  command  `command: [PROGRAM, ARG, ...]`, run as given (no shell).
 
 `"@NAME"` in a value is the hand-off directory of step NAME (OUTPUT/NAME/final); `{output_dir}` is substituted.
-Each training step runs in a fresh process (one DeepSpeed engine per stage, DESIGN.md decision 2) with its resolved
-config written to OUTPUT/NAME/stage.yaml; a step whose OUTPUT/NAME/DONE exists is skipped, so a re-run resumes
-the recipe where it stopped (and an interrupted stage resumes from its own checkpoints with --resume auto).
+Each training step runs in a fresh process (one DeepSpeed engine per stage: ZeRO-3 fixes the trainable set when the
+engine is built, see docs/design.md) with its resolved config written to OUTPUT/NAME/stage.yaml; a step whose
+OUTPUT/NAME/DONE exists is skipped, so a re-run resumes the recipe where it stopped (and an interrupted stage resumes
+from its own checkpoints with --resume auto).
 
 `parallel: N` (default 1) runs up to N independent steps at once, each with OMP_NUM_THREADS = cores / (N x nproc)
 and its output in OUTPUT/NAME/log.txt. A step waits for the steps it names with "@NAME" and in its `after:` list;
@@ -38,9 +46,9 @@ from training.config import ConfigError, load_config
 from training.run_config import TrainConfig
 from training.run_log import get_logger
 
-STEP_KINDS = ("train", "synthetic", "text_tokenizer", "python")
+STEP_KINDS = ("train", "python", "command")
 RECIPE_KEYS = {"output_dir", "nproc", "parallel", "defaults", "templates", "steps", "description"}
-STEP_KEYS = {"name", "run", "config", "args", "after", "threads"}
+STEP_KEYS = {"name", "run", "config", "module", "args", "command", "after", "threads"}
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -80,6 +88,7 @@ def load_recipe(path: str | Path) -> dict:
     for index, step in enumerate(recipe.get("steps", [])):
         if "name" not in step or step.get("run") not in STEP_KINDS:
             raise ConfigError(f"{path}: steps[{index}] needs a name and run: one of {STEP_KINDS}, got {step}")
+        _check_step_fields(step, path)
         if step["name"] in names:
             raise ConfigError(f"{path}: duplicate step name {step['name']!r}")
         if step.get("after") == "all":
@@ -93,6 +102,45 @@ def load_recipe(path: str | Path) -> dict:
     if int(recipe.get("parallel", 1)) < 1:
         raise ConfigError(f"{path}: parallel must be >= 1, got {recipe['parallel']}")
     return recipe
+
+
+def _check_step_fields(step: dict, path) -> None:
+    """The fields each step kind needs: python a module, command a non-empty list of strings."""
+    name, kind = step["name"], step["run"]
+    if kind == "python" and not isinstance(step.get("module"), str):
+        raise ConfigError(
+            f"{path}: step {name!r}: run: python needs module: (a python module to run with -m)"
+        )
+    command = step.get("command")
+    if kind == "command" and not (
+        isinstance(command, list) and command and all(isinstance(c, str) for c in command)
+    ):
+        raise ConfigError(f"{path}: step {name!r}: run: command needs command: [PROGRAM, ARG, ...] (strings)")
+    misplaced = {
+        "train": ("module", "args", "command"),
+        "python": ("config", "command"),
+        "command": ("config", "module", "args"),
+    }
+    extra = sorted(key for key in misplaced[kind] if key in step)
+    if extra:
+        raise ConfigError(f"{path}: step {name!r}: {extra} do not apply to run: {kind}")
+
+
+def module_args(args: dict) -> list[str]:
+    """`args:` of a python step as command-line flags: {num_train: 10} -> ["--num-train", "10"]; a list gives
+    several values, true a bare flag, false or null nothing."""
+    flags: list[str] = []
+    for key, value in args.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{key.replace('_', '-')}")
+        if value is True:
+            continue
+        if isinstance(value, list):
+            flags.extend(str(item) for item in value)
+        else:
+            flags.append(str(value))
+    return flags
 
 
 def step_dependencies(step: dict) -> set[str]:
@@ -111,6 +159,7 @@ def step_dependencies(step: dict) -> set[str]:
 
     visit(step.get("config", {}))
     visit(step.get("args", {}))
+    visit(step.get("command", []))
     return found
 
 
@@ -143,18 +192,11 @@ def step_command(step: dict, step_dir: Path, output_dir: Path, defaults: dict, n
         config_path.write_text(yaml.safe_dump(stage, sort_keys=False))
         load_config(TrainConfig, config_path, list(overrides))
         return stage_command(config_path, nproc, resume) + list(overrides)
-    args = resolve_refs(step.get("args", {}), output_dir)
-    module = {
-        "synthetic": "data_pipeline.synthetic",
-        "text_tokenizer": "data_pipeline.text_tokenizer",
-    }.get(step["run"], args.pop("module", None))
-    if module is None:
-        raise ConfigError(
-            f"step {step['name']!r}: run: python needs args.module (a python module to run with -m)"
-        )
-    return [sys.executable, "-m", module] + [
-        item for key, value in args.items() for item in (f"--{key.replace('_', '-')}", str(value))
-    ]
+    if step["run"] == "command":
+        return resolve_refs(list(step["command"]), output_dir)
+    return [sys.executable, "-m", step["module"]] + module_args(
+        resolve_refs(step.get("args", {}), output_dir)
+    )
 
 
 def run_recipe(
@@ -273,7 +315,7 @@ def _wait_any(running: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="recipe YAML (see training/recipes/)")
+    parser.add_argument("--config", required=True, help="recipe YAML (e.g. examples/demo/recipe.yaml)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these steps")
     parser.add_argument(
         "--nproc", type=int, default=None, help="processes per training stage (default: recipe nproc)"

@@ -43,7 +43,7 @@ class StageSpec:
     computes L_vq; it then also runs only while the tokenizer trains). `discriminator_optional`: the discriminator
     trains only with stage.train_discriminator. `batch_keys`: the batch tensors the model's forward reads.
     `eval_objective`: the held-out caption metric (None: reconstruction metrics only). `needs_init`: starts from
-    a previous stage's weights."""
+    a previous stage's weights. `chat`: the model learnt the chat layout (inference prompts with it)."""
 
     kind: str
     with_llm: bool
@@ -56,6 +56,7 @@ class StageSpec:
     vq_weight: Callable[[StageConfig], float] | None = None
     tokenizer_optional: bool = False
     discriminator_optional: bool = False
+    chat: bool = False
 
     @property
     def model_keys(self) -> tuple[str, ...]:
@@ -136,6 +137,7 @@ STAGES: dict[str, StageSpec] = {
             objective=objectives.caption_objective,
             eval_objective=objectives.caption_objective,
             needs_init=True,
+            chat=True,
         ),
         StageSpec(
             kind="t2i",

@@ -140,6 +140,7 @@ class Trainer:
         self.rank, self.local_rank, self.world_size = init_distributed()
         self.log = get_logger(self.rank)
         self.run_dir = Path(cfg.train.output_dir)
+        self.forward_flops: int | None = None  # of the first micro-batch, counted once
         self.flops_per_step: float | None = None
 
     # ---- building ----------------------------------------------------------------------------------------------
@@ -152,20 +153,19 @@ class Trainer:
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
         preemption.install_handlers()
-        point = self._resume_point(resume)
+        point = self.resume_point(resume)
         world_changed = point is not None and point.trainer_state["world_size"] != self.world_size
-        self.ds_config = build_ds_config(self.cfg, self.world_size, load_universal=world_changed)
-        self.build(fresh=point is None)
-        self.state = TrainState(self.cfg, self.loader, self.discriminator)
+        self.build(build_ds_config(self.cfg, self.world_size, load_universal=world_changed), fresh=point is None)
         if point is not None:
             self.load(point, world_changed)
         self.checkpoints = ckpt.CheckpointManager(
             self.run_dir / "checkpoints", self.rank, self.world_size, keep_last=self.cfg.checkpoint.keep_last
         )
 
-    def build(self, fresh: bool = True, seed: int | None = None) -> None:
+    def build(self, ds_config: dict, fresh: bool = True, seed: int | None = None) -> None:
         """The model (seeded with `seed`, default train.seed; under zero.Init for ZeRO-3, external parameters
-        registered, the stage's initial weights when `fresh`), the loss modules, the engine and the loader."""
+        registered, the stage's initial weights when `fresh`), the loss modules, the engine, the loader and a
+        fresh TrainState, for the resolved DeepSpeed config `ds_config`."""
         from training.engine import build_engine, model_init_context, zero_stage
         from training.stages import (
             build_loss_modules,
@@ -174,8 +174,9 @@ class Trainer:
             register_zero3_external_parameters,
         )
 
+        self.ds_config = ds_config
         seed_all(self.cfg.train.seed if seed is None else seed)
-        with model_init_context(self.ds_config):
+        with model_init_context(ds_config):
             model = build_model(self.cfg)
         if zero_stage(self.ds_config) == 3:
             register_zero3_external_parameters(model)
@@ -190,6 +191,7 @@ class Trainer:
             torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
         )
         self.accum = engine.gradient_accumulation_steps()
+        self.state = TrainState(self.cfg, self.loader, self.discriminator)
 
     def build_loader(self):
         from training.data import build_train_loader
@@ -197,7 +199,8 @@ class Trainer:
         return build_train_loader(self.cfg, self.rank, self.world_size)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def _resume_point(self, resume: str) -> ckpt.ResumePoint | None:
+    def resume_point(self, resume: str) -> ckpt.ResumePoint | None:
+        """The checkpoint `resume` (auto | PATH | none) names, checked against this config's fingerprint."""
         point = ckpt.resolve_resume(resume, self.run_dir / "checkpoints")
         if point is not None and point.trainer_state.get("fingerprint") != self.cfg.fingerprint():
             raise ckpt.CheckpointError(
@@ -249,8 +252,8 @@ class Trainer:
             if self.flops_per_step is None:
                 from training.flops import count_forward_flops
 
-                forward_flops, out = count_forward_flops(self.forward_step, inputs)
-                self.flops_per_step = 3.0 * forward_flops * accum * self.world_size
+                self.forward_flops, out = count_forward_flops(self.forward_step, inputs)
+                self.flops_per_step = 3.0 * self.forward_flops * accum * self.world_size
             else:
                 out = self.forward_step(inputs)
             engine.backward(out.loss)
@@ -293,9 +296,15 @@ class Trainer:
         return streak
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def fit(self) -> int:
-        """Train to schedule.max_steps; returns the exit code (0 done, 75 preempted after saving)."""
+    def after_step(self, terms: dict[str, float]) -> None:
+        """Called after every optimizer step of `fit` with the step's terms (a hook for subclasses, e.g. the
+        throughput benchmark's clock)."""
+
+    def fit(self, stop_at: int | None = None) -> int:
+        """Train to schedule.max_steps (or only up to step `stop_at`, without the final save and hand-off);
+        returns the exit code (0 done, 75 preempted after saving)."""
         cfg = self.cfg
+        last = cfg.schedule.max_steps if stop_at is None else min(stop_at, cfg.schedule.max_steps)
         self.run_log = RunLogger(
             self.run_dir,
             rank=self.rank,
@@ -306,12 +315,13 @@ class Trainer:
         )
         self.engine.train()
         window, streak, exit_code = MetricsWindow(), 0, 0
-        while self.state.step < cfg.schedule.max_steps:
+        while self.state.step < last:
             terms = self.train_step()
             grad_norm = self.engine.get_global_grad_norm()
             streak = self.check_finite(terms, grad_norm, streak)
             window.add(terms, self.step_samples, self.step_tokens)
             self.run_log.advance()
+            self.after_step(terms)
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == cfg.schedule.max_steps:
                 self.log_window(window, grad_norm)
@@ -328,7 +338,7 @@ class Trainer:
                 break
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.schedule.max_steps:
                 self.save()
-        if exit_code == 0:
+        if exit_code == 0 and self.state.step >= cfg.schedule.max_steps:
             self.finish()
         self.run_log.close()
         if dist.is_initialized():
