@@ -11,7 +11,6 @@
 #   - deepspeed 0.19.8 built as a pure-python wheel (DS_BUILD_OPS=0: no compiled ops; ZeRO-3 with torch's AdamW
 #     loads none), plus its requirements pydantic, pydantic-core (cp312), annotated-types, typing-inspection,
 #     typing-extensions, hjson, py-cpuinfo, einops, msgpack (cp312), ninja and psutil;
-#   - megatron-core 0.16.1, its cp312 manylinux wheel;
 #   - simplejpeg (cp312), the data pipeline's JPEG decoder;
 #   - datasets and what it needs beyond the list above: dill, multiprocess, xxhash (cp312), pandas (cp312; about
 #     12 MB of the folder's ~24 MB). GPU_WHEELS_DATASETS=0 leaves them out: only tests/test_data_convert.py uses
@@ -41,7 +40,6 @@ PURE=(
 )
 # Compiled wheels for the target (cp312 or abi3 manylinux).
 BINARY=(
-  megatron-core==0.16.1
   pydantic-core==2.50.5
   msgpack==1.2.4
   ninja==1.13.2

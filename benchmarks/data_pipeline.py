@@ -6,8 +6,7 @@ Source images are ImageNet-like 500x375 JPEGs (quality 90, smooth content plus n
 target and 1000x750 JPEGs for the 512-px target. Every stage runs in one process on one core (OMP_NUM_THREADS=1),
 and samples/s is per CPU-second of that process (time.process_time), i.e. per worker core even on a shared
 machine; the loader rows are wall-clock with 0 and 2 DataLoader workers. The last column compares the
-loader with a training step's consumption (`--step-seconds`, `--step-samples`): >= 2x is the target
-(research/anchors_perf.md §5 row 6).
+loader with a training step's consumption (`--step-seconds`, `--step-samples`): >= 2x is the target.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 #
 # The machine needs: an NVIDIA GPU with its driver, Python 3.12 with pip and torch (CUDA build), triton,
 # transformers, accelerate, pyarrow, sentencepiece, safetensors, tensorboard, matplotlib and pytest. The rest
-# (deepspeed, megatron-core, simplejpeg, datasets, and their requirements) comes from a wheel folder, by default
+# (deepspeed, simplejpeg, datasets, and their requirements) comes from a wheel folder, by default
 # gpu_wheels/ at the repository root (GPU_CHECK_WHEELS overrides), built on any machine with network by
 # benchmarks/build_gpu_wheels.sh. The wheels go into a fresh directory with
 #   pip install --no-index --no-deps --target WORK/site gpu_wheels/*.whl

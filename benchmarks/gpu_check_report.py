@@ -33,7 +33,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "triton", "transformers", "accelerate", "deepspeed", "megatron.core", "simplejpeg", "datasets",
+PACKAGES = ("torch", "triton", "transformers", "accelerate", "deepspeed", "simplejpeg", "datasets",
             "flash_attn", "pydantic", "pandas", "scipy", "pyarrow", "sentencepiece", "safetensors", "numpy")  # fmt: skip
 LOG_TAIL_LINES = 40
 TAR_MAX_FILE_BYTES = 8 * 2**20
@@ -66,7 +66,7 @@ def _find_package(name: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
     if spec is None:
         return {"error": f"No module named {name!r}"}
-    distribution = {"megatron.core": "megatron-core", "flash_attn": "flash-attn"}.get(name, name)
+    distribution = {"flash_attn": "flash-attn"}.get(name, name)
     try:
         version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

@@ -2,7 +2,7 @@
 
 Two image tasks, where the caption can only be right if the text in the image is read (where ETT's gain shows):
 
-- **glyph grid** (default; config E of research/toy_ett_round2.md, the task where ETT beat frozen tokenizers):
+- **glyph grid** (default; the demo's task, on which ETT beats the frozen-tokenizer baselines, README "The demo"):
   24x48 RGB, 3 upper-case letters from the 10-letter alphabet "abcdefghkm" (DejaVu Sans Mono Bold, 18-22 px),
   letter k centred in the 16-px cell k with +-2 px jitter, on a red or green background with brightness jitter, a
   linear gradient and Gaussian noise (sigma 4). Caption: "<colour> <letters>", e.g. "red kbf".

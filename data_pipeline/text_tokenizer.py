@@ -1,6 +1,6 @@
 """The text tokenizer and the special tokens of the whole project (defined here and nowhere else).
 
-An image of h x w tokens is written as the span (Emu3-style wrapping, ett_spec.md §1.4, without Emu3's "H*W" text
+An image of h x w tokens is written as the span (Emu3-style wrapping; every layout is in data_pipeline/layouts.py; without Emu3's "H*W" text
 prefix and EOF token)::
 
     IMAGE_START, (IMAGE_PLACEHOLDER x w, ROW_END) x h, IMAGE_END

@@ -2,7 +2,7 @@
 # One node, N processes (GPUs, or CPU processes over gloo for development), with the deepspeed launcher.
 #
 #   bash launch/local.sh N [MODULE] [ARGS...]
-#   bash launch/local.sh 8 training.train --config training/recipes/stage2_ett.yaml --resume auto
+#   bash launch/local.sh 8 training.train --config examples/stage2_ett.yaml --resume auto
 #   bash launch/local.sh 2 launch.check_dist
 #
 # MODULE defaults to training.train. ETT_LAUNCHER=torchrun uses torchrun instead. ETT_LOG_DIR (default

@@ -1,6 +1,6 @@
 """SLURM -> multi-node launch: hostfile, rendezvous address, and the per-node launcher command.
 
-`deepspeed --launcher slurm` alone does not set RANK / MASTER_ADDR (research/anchors_system.md §4.1), so the sbatch
+`deepspeed --launcher slurm` alone does not set RANK / MASTER_ADDR, so the sbatch
 scripts launch in two levels, like torchrun:
 
 1. the batch shell (first node) runs `python -m launch.slurm prepare --hostfile H --slots N`: it expands

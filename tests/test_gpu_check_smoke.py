@@ -28,7 +28,7 @@ PARTS = (
 
 # Missing on the bare GPU machine until gpu_wheels/ is installed. (scipy is not simulated: tests/test_tokenizer.py
 # imports it at the top; gpu_check.sh collects with --continue-on-collection-errors.)
-BARE_MACHINE_MISSING = ("deepspeed", "megatron", "simplejpeg", "datasets", "flash_attn", "pydantic", "hjson")
+BARE_MACHINE_MISSING = ("deepspeed", "simplejpeg", "datasets", "flash_attn", "pydantic", "hjson")
 
 HIDE_PACKAGES = '''
 import importlib.machinery, os, sys
@@ -117,7 +117,7 @@ def test_gpu_check_smoke_mode_reports_every_part(tmp_path):
 
 
 def test_gpu_tests_collect_without_the_optional_packages(tmp_path):
-    """`pytest -m gpu` on a machine without deepspeed, datasets, megatron-core, simplejpeg or flash-attn: every
+    """`pytest -m gpu` on a machine without deepspeed, datasets, simplejpeg or flash-attn: every
     test module still imports, so the GPU tests are collected (simulated by hiding the packages)."""
     (tmp_path / "sitecustomize.py").write_text(HIDE_PACKAGES)
     env = child_env({"ETT_HIDE_PACKAGES": ",".join(BARE_MACHINE_MISSING)})

@@ -1,8 +1,8 @@
 """DeepSpeed engine construction: distributed init, the resolved ds_config, parameter groups, optimizer and schedule.
 
-One engine per stage (DESIGN.md decision 2): the trainable set is fixed before `deepspeed.initialize`, because ZeRO-3
+One engine per stage (docs/design.md): the trainable set is fixed before `deepspeed.initialize`, because ZeRO-3
 builds its flat fp32 partitions only for parameters that require grad at that moment (flipping `requires_grad` on a
-live engine is a silent no-op, research/feasibility_cpu.md §3).
+live engine is a silent no-op).
 
 The optimizer is torch AdamW handed to DeepSpeed as a client optimizer (its fused multi-tensor kernel on CUDA): it
 resumes bit for bit, unlike DeepSpeed's FusedAdam/CPUAdam, which recompute the bias-correction product differently
@@ -224,7 +224,7 @@ def load_full_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], strict_prefixes: tuple[str, ...] = ()
 ) -> list[str]:
     """Copy full (unsharded) tensors into `model`, which may be partitioned by zero.Init. Must run on every rank,
-    before deepspeed.initialize (writes through GatheredParameters are lost after it, feasibility_cpu.md §1).
+    before deepspeed.initialize (after it, writes through GatheredParameters are lost: ZeRO-3 keeps its own fp32 master copy).
     Returns the names of model parameters/buffers that the state dict did not provide."""
     import deepspeed
 

@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=f"{EPILOG}\n\nconfig keys (section: key=default), overridable as section.key=value:\n{keys}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="stage YAML file (see training/recipes/)")
+    parser.add_argument("--config", required=True, help="stage YAML file (e.g. examples/stage2_ett.yaml)")
     parser.add_argument(
         "--resume",
         default=None,

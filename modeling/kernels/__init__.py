@@ -118,7 +118,7 @@ class IBQStraightThrough(torch.autograd.Function):
 def ibq_straight_through(
     z: torch.Tensor, codebook: torch.Tensor, *, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IBQ index propagation (ett_spec.md §1.2): z_q [N, D] in z's dtype (= codebook[indices]) and indices [N].
+    """IBQ index propagation (docs/method.md): z_q [N, D] in z's dtype (= codebook[indices]) and indices [N].
 
     Backward: Ind = H - sg(S) + S gives dC = H^T g + dl^T z and dz = dl C, dl = S * (g C^T - rowsum(g * S C)).
     """
@@ -168,7 +168,7 @@ def codebook_entropy_loss(
     bias: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Scalar fp32 entropy loss (ett_spec.md §1.2 item 8), differentiable in z, codebook and bias.
+    """Scalar fp32 entropy loss (L_entropy, docs/method.md), differentiable in z, codebook and bias.
 
     L = mean_n H(p_n) - H(q), p_n = softmax((z_n C^T + b) / T), q = mean_n p_n, H(x) = -sum_k x_k log x_k.
     IBQ passes no bias; VQ passes b = -||c_k||^2 / 2, so that the logits are -||z - c_k||^2 / 2 up to a per-row

@@ -1,7 +1,6 @@
-"""Configuration of the VQ image tokenizer and of its training objective (ett_spec.md §1.1, §1.2, §2).
+"""Configuration of the VQ image tokenizer and of its training objective (docs/method.md).
 
-Defaults are the tiny CPU tokenizer that worked at toy scale (research/toy_ett_round2.md: downsample 8, 16 base
-channels, D=32, K=256, IBQ + entropy loss). The paper-scale IBQ tokenizer is
+Defaults are the demo's tiny CPU tokenizer (downsample 8, 16 base channels, D=32, K=256, IBQ + entropy loss). The paper-scale IBQ tokenizer is
 `base_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=4, attn_resolutions=(16,), z_channels=256,
 code_dim=256, codebook_size=131072, norm_groups=32, resolution=256`, with `loss.perceptual_weight=1.0`.
 """

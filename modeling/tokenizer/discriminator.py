@@ -1,4 +1,4 @@
-"""PatchGAN discriminator (pix2pix `NLayerDiscriminator`, as in taming/IBQ; ett_spec.md §2).
+"""PatchGAN discriminator (pix2pix `NLayerDiscriminator`, as in taming/IBQ).
 
 images [B, 3, H, W] -> patch logits [B, 1, H', W']. Layers: conv4x4/2 + LeakyReLU(0.2), then `layers - 1` blocks
 conv4x4/2 + norm + LeakyReLU with widths ndf * min(2^n, 8), one conv4x4/1 block, and a conv4x4/1 to one channel.

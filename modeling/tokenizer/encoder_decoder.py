@@ -1,4 +1,4 @@
-"""VQGAN convolutional encoder and decoder (taming-transformers layout, as used by IBQ; ett_spec.md §1.1).
+"""VQGAN convolutional encoder and decoder (taming-transformers layout, as used by IBQ).
 
 Encoder: conv_in, then per level `num_res_blocks` ResNet blocks (+ attention where the level's nominal size is in
 `attn_resolutions`) and a stride-2 downsample (all levels but the last); mid block ResBlock-Attn-ResBlock;

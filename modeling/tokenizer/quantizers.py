@@ -1,4 +1,4 @@
-"""Quantizers: IBQ (index backpropagation, ett_spec.md §1.2) and classic VQ (nearest code in L2).
+"""Quantizers: IBQ (index backpropagation, docs/method.md) and classic VQ (nearest code in L2).
 
 Both take z [B, D, h, w] and return a `QuantizerOutput` whose `quantized` has the forward value of the selected
 codes exactly, straight-through gradients, the unweighted loss terms and usage statistics. The codebook lookups

@@ -1,4 +1,4 @@
-"""VQTokenizer: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (ett_spec.md §1.1).
+"""VQTokenizer: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (docs/method.md).
 
 The ETT model calls `quantize_images` (encoder + quantizer; the straight-through codes go to the projector) and
 `decode` separately; stage-0 training calls `forward`. Weights save as `model.safetensors` + `tokenizer_config.json`
