@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.provenance import REPO_ROOT, cpu_model, git
+from benchmarks.provenance import REPO_ROOT, cpu_model, format_number, git
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 DOC = REPO_ROOT / "BENCHMARKS.md"
@@ -118,22 +118,6 @@ def run_one(run: Run) -> dict:
 # rendering
 
 
-def _num(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def _mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:,.0f}"
 
@@ -167,12 +151,12 @@ def _provenance(record: dict | None, data: dict) -> str:
 
 def render_codebook(data: dict) -> list[str]:
     lines = [f"Device {data.get('device')}, {data.get('dtype')}, measured matmul peak "
-             f"{_num(data.get('matmul_tflops'))} TFLOP/s ({data.get('flops_convention', '')}).", ""]  # fmt: skip
+             f"{format_number(data.get('matmul_tflops'))} TFLOP/s ({data.get('flops_convention', '')}).", ""]  # fmt: skip
     rows = []
     for r in data.get("rows", []):
         rows.append([r["N"], r["K"], r["D"], r.get("pass_"), r["method"],
                      "OOM" if r["seconds"] is None else f"{1e3 * r['seconds']:.2f}",
-                     _mib(r.get("memory_bytes")), _num(r.get("tflops")),
+                     _mib(r.get("memory_bytes")), format_number(r.get("tflops")),
                      "-" if r.get("fraction_of_matmul_peak") is None else f"{100 * r['fraction_of_matmul_peak']:.1f}%"])  # fmt: skip
     lines += _table(
         ["N", "K", "D", "pass", "method", "ms", "memory MiB", "TFLOP/s", "% of matmul peak"], rows
@@ -193,10 +177,10 @@ def render_data_pipeline(data: dict) -> list[str]:
              "step's consumption (64 images per 1 s step; target >= 2).", ""]  # fmt: skip
     rows = []
     for r in data.get("results", []):
-        rows.append([r["resolution"], r.get("source", ""), _num(r.get("read_mb_s")), _num(r.get("decode_resize_samples_s")),
-                     _num(r.get("process_samples_s")), _num(r.get("pack_collate_samples_s")),
-                     _num(r.get("loader_w0_samples_s")), _num(r.get("loader_w2_samples_s")),
-                     _num(r.get("loader_w2_vs_step"))])  # fmt: skip
+        rows.append([r["resolution"], r.get("source", ""), format_number(r.get("read_mb_s")), format_number(r.get("decode_resize_samples_s")),
+                     format_number(r.get("process_samples_s")), format_number(r.get("pack_collate_samples_s")),
+                     format_number(r.get("loader_w0_samples_s")), format_number(r.get("loader_w2_samples_s")),
+                     format_number(r.get("loader_w2_vs_step"))])  # fmt: skip
     lines += _table(["px", "source", "read MB/s", "decode+resize /s", "process /s", "pack /s", "loader 0 workers /s",
                      "loader 2 workers /s", "2 workers vs step"], rows)  # fmt: skip
     return lines
@@ -214,7 +198,7 @@ def render_generic(data: dict) -> list[str]:
         if key.endswith("_bytes") and isinstance(value, (int, float)):
             rows.append([key, f"{value / 2**20:,.1f} MiB"])
         else:
-            rows.append([key, _num(value)])
+            rows.append([key, format_number(value)])
     return _table(["quantity", "value"], rows)
 
 
@@ -248,21 +232,21 @@ def render_train_throughput(data: dict) -> list[str]:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     rows = [
-        ["tokens/s", _num(ours["tokens_per_s"]), _num(base["tokens_per_s"]), _num(ratios["tokens_per_s"])],
-        ["images/s", _num(ours["images_per_s"]), _num(base["images_per_s"]), _num(ratios["images_per_s"])],
+        ["tokens/s", format_number(ours["tokens_per_s"]), format_number(base["tokens_per_s"]), format_number(ratios["tokens_per_s"])],
+        ["images/s", format_number(ours["images_per_s"]), format_number(base["images_per_s"]), format_number(ratios["images_per_s"])],
         [
             "step time, median (ms)",
-            _num(1e3 * ours["step_time_median_s"]),
-            _num(1e3 * base["step_time_median_s"]),
-            _num(ratios["step_time"]),
+            format_number(1e3 * ours["step_time_median_s"]),
+            format_number(1e3 * base["step_time_median_s"]),
+            format_number(ratios["step_time"]),
         ],  # fmt: skip
         [
             f"peak memory (MiB, {ours['memory_kind']})",
             _mib(ours["peak_memory_bytes"]),
             _mib(base["peak_memory_bytes"]),
-            _num(ratios["peak_memory"]),
+            format_number(ratios["peak_memory"]),
         ],  # fmt: skip
-        ["TFLOP/s (training/flops.py)", _num(ours["tflops"]), _num(base["tflops"]), "-"],
+        ["TFLOP/s (training/flops.py)", format_number(ours["tflops"]), format_number(base["tflops"]), "-"],
         ["MFU", pct(ours["mfu"]), pct(base["mfu"]), "-"],
         ["data loading, % of step time", pct(ours["data_loading_fraction"]), "(pre-loaded)", "-"],
         ["first-step loss", f"{ours['first_loss']:.6f}", f"{base['first_loss']:.6f}", "-"],
@@ -276,7 +260,7 @@ def render_train_throughput(data: dict) -> list[str]:
                    f"{'met' if targets.get('data_loading_met') else 'MISSED'})")  # fmt: skip
     if targets.get("mfu_met") is not None:
         verdict.append(f"MFU {pct(ours['mfu'])} (target >= 40%: {'met' if targets['mfu_met'] else 'MISSED'})")
-    checks = (f"Same batches in both arms: {_num(data['same_batches'])}; first-step losses differ by "
+    checks = (f"Same batches in both arms: {format_number(data['same_batches'])}; first-step losses differ by "
               f"{data['first_loss_abs_diff']:.1e}.")  # fmt: skip
     if setup.get("baseline_zero_overrides"):
         lines += ["", f"Diagnostic run (the baseline's ZeRO settings changed), not the target comparison: ratio "
@@ -296,16 +280,16 @@ def render_train_throughput_one_arm(data: dict) -> list[str]:
              f"{data['env'].get('deepspeed')}.", ""]  # fmt: skip
     peak = (data["env"].get("peak") or {}).get("flops_per_second")
     rows = [
-        ["tokens/s", _num(summary["tokens_per_s"])],
-        ["images/s", _num(summary["images_per_s"])],
-        ["step time, median (ms)", _num(1e3 * summary["step_time_median_s"])],
+        ["tokens/s", format_number(summary["tokens_per_s"])],
+        ["images/s", format_number(summary["images_per_s"])],
+        ["step time, median (ms)", format_number(1e3 * summary["step_time_median_s"])],
         [f"peak memory (MiB, {summary['memory_kind']})", _mib(summary["peak_memory_bytes"])],
-        ["TFLOP/s (training/flops.py)", _num(summary["tflops"])],
-        ["MFU" + (f" (peak {_num(peak / 1e12)} TFLOP/s)" if peak else ""),
+        ["TFLOP/s (training/flops.py)", format_number(summary["tflops"])],
+        ["MFU" + (f" (peak {format_number(peak / 1e12)} TFLOP/s)" if peak else ""),
          "-" if summary["mfu"] is None else f"{100 * summary['mfu']:.2f}%"],
         ["data loading, % of step time",
          "-" if summary.get("data_loading_fraction") is None else f"{100 * summary['data_loading_fraction']:.2f}%"],
-        ["first-step loss", _num(summary["first_loss"], 6)],
+        ["first-step loss", format_number(summary["first_loss"], 6)],
     ]  # fmt: skip
     return lines + _table(["", name], rows)
 

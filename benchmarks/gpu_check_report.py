@@ -32,19 +32,12 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.provenance import format_number, git
+
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "deepspeed", "simplejpeg", "datasets",
             "flash_attn", "pydantic", "pandas", "scipy", "pyarrow", "sentencepiece", "safetensors", "numpy")  # fmt: skip
 LOG_TAIL_LINES = 40
 TAR_MAX_FILE_BYTES = 8 * 2**20
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _now() -> str:
@@ -82,8 +75,8 @@ def environment(site: str | None) -> dict:
         "python": platform.python_version(),
         "executable": sys.executable,
         "cpu_count": os.cpu_count(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
         "site_dir": site,
         "smoke": os.environ.get("GPU_CHECK_SMOKE") == "1",
         "packages": {},
@@ -232,18 +225,6 @@ def _load(path: Path):
         return None
 
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
-    return str(value)
-
-
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -276,15 +257,15 @@ def _summary_tests(name: str, data: dict) -> list[str]:
 
 def _summary_kernels(data: dict) -> list[str]:
     lines = [f"{data.get('device')}, {data.get('dtype')}, torch {data.get('torch')}, triton {data.get('triton')}; "
-             f"dense matmul peak measured in this run: **{_fmt(data.get('matmul_tflops'))} TFLOP/s**"
+             f"dense matmul peak measured in this run: **{format_number(data.get('matmul_tflops'))} TFLOP/s**"
              f"{' (8192³)' if data.get('matmul_peak_shape') else ''}. Credited FLOPs: fwd 2NKD, fwd+bwd 12NKD; "
              "executed: each method's GEMMs, recomputation included.", ""]  # fmt: skip
     rows = []
     for r in data.get("rows", []):
         ms = f"{1e3 * r['seconds']:.2f}" if r.get("seconds") else r.get("status", "-")
         mem = "-" if r.get("memory_bytes") is None else f"{r['memory_bytes'] / 2**20:,.0f}"
-        rows.append([r["N"], r["K"], r["D"], r.get("pass_"), r["method"], ms, mem, _fmt(r.get("tflops")),
-                     _pct(r.get("fraction_of_matmul_peak")), _fmt(r.get("executed_flops", 0) / 1e12),
+        rows.append([r["N"], r["K"], r["D"], r.get("pass_"), r["method"], ms, mem, format_number(r.get("tflops")),
+                     _pct(r.get("fraction_of_matmul_peak")), format_number(r.get("executed_flops", 0) / 1e12),
                      _pct(r.get("executed_fraction_of_matmul_peak"))])  # fmt: skip
     lines += _table(["N", "K", "D", "pass", "method", "ms", "MiB", "TFLOP/s (credited)", "% peak",
                      "executed TFLOP", "executed % peak"], rows)  # fmt: skip
@@ -293,8 +274,8 @@ def _summary_kernels(data: dict) -> list[str]:
         lines += ["", "Triton kernels compiled in the run:", ""]
         lines += _table(["kernel", "constexprs", "registers", "spills", "shared bytes", "warps", "stages"],
                         [[k["kernel"], ", ".join(f"{a}={b}" for a, b in (k.get("constants") or {}).items()),
-                          _fmt(k.get("n_regs")), _fmt(k.get("n_spills")), _fmt(k.get("shared_bytes")),
-                          _fmt(k.get("num_warps")), _fmt(k.get("num_stages"))] for k in kernels])  # fmt: skip
+                          format_number(k.get("n_regs")), format_number(k.get("n_spills")), format_number(k.get("shared_bytes")),
+                          format_number(k.get("num_warps")), format_number(k.get("num_stages"))] for k in kernels])  # fmt: skip
     elif data.get("triton_kernels"):
         lines += ["", f"Triton kernels: {data['triton_kernels'].get('note')}"]
     return lines
@@ -308,11 +289,11 @@ def _summary_train(parts: dict[str, dict], meta: dict) -> list[str]:
     if not arms:
         return []
     rows = []
-    keys = [("tokens/s", "tokens_per_s", _fmt), ("images/s", "images_per_s", _fmt),
-            ("step time median (ms)", "step_time_median_s", lambda v: _fmt(None if v is None else 1e3 * v)),
-            ("peak memory (GiB)", "peak_memory_bytes", lambda v: _fmt(None if v is None else v / 2**30)),
-            ("TFLOP/s", "tflops", _fmt), ("MFU", "mfu", _pct), ("data loading, % of step", "data_loading_fraction", _pct),
-            ("first loss", "first_loss", _fmt)]  # fmt: skip
+    keys = [("tokens/s", "tokens_per_s", format_number), ("images/s", "images_per_s", format_number),
+            ("step time median (ms)", "step_time_median_s", lambda v: format_number(None if v is None else 1e3 * v)),
+            ("peak memory (GiB)", "peak_memory_bytes", lambda v: format_number(None if v is None else v / 2**30)),
+            ("TFLOP/s", "tflops", format_number), ("MFU", "mfu", _pct), ("data loading, % of step", "data_loading_fraction", _pct),
+            ("first loss", "first_loss", format_number)]  # fmt: skip
     for label, key, fmt in keys:
         cells = [fmt(arms[a][0].get(key)) if a in arms else "-" for a in ("ours", "baseline")]
         if key == "data_loading_fraction" and "baseline" in arms:
@@ -320,7 +301,7 @@ def _summary_train(parts: dict[str, dict], meta: dict) -> list[str]:
         rows.append([label] + cells)
     if "ours" in arms and "baseline" in arms:
         ours, base = arms["ours"][0], arms["baseline"][0]
-        rows.append(["ours / baseline tokens/s", _fmt(ours["tokens_per_s"] / base["tokens_per_s"]), ""])
+        rows.append(["ours / baseline tokens/s", format_number(ours["tokens_per_s"] / base["tokens_per_s"]), ""])
     for _arm_summary, data in arms.values():
         setup = data.get("setup", {})
         configs.append(f"`{data.get('config')}`, micro-batch {setup.get('micro_batch_size')} x {setup.get('seq_len')}, "
@@ -332,15 +313,15 @@ def _summary_train(parts: dict[str, dict], meta: dict) -> list[str]:
         breakdown = ours[0].get("flops_breakdown_first_micro_batch") or {}
         peak = (ours[1].get("env") or {}).get("peak") or {}
         if breakdown:
-            lines += ["", f"Forward FLOPs of the first micro-batch: {_fmt(breakdown.get('forward_flops', 0) / 1e12)} "
-                      f"TFLOP, of which Triton codebook kernels {_fmt(breakdown.get('codebook_forward_flops', 0) / 1e12)} "
+            lines += ["", f"Forward FLOPs of the first micro-batch: {format_number(breakdown.get('forward_flops', 0) / 1e12)} "
+                      f"TFLOP, of which Triton codebook kernels {format_number(breakdown.get('codebook_forward_flops', 0) / 1e12)} "
                       f"TFLOP ({breakdown.get('codebook_kernel_calls')} calls; they execute "
-                      f"{_fmt(breakdown.get('codebook_executed_flops_fwd_bwd', 0) / 1e12)} TFLOP forward + backward)."]  # fmt: skip
+                      f"{format_number(breakdown.get('codebook_executed_flops_fwd_bwd', 0) / 1e12)} TFLOP forward + backward)."]  # fmt: skip
         if peak.get("flops_per_second"):
             source = peak.get("source")
             if source == "env" and meta.get("peak_source"):
                 source = meta["peak_source"]
-            lines += ["", f"MFU against {_fmt(peak['flops_per_second'] / 1e12)} TFLOP/s ({source})."]
+            lines += ["", f"MFU against {format_number(peak['flops_per_second'] / 1e12)} TFLOP/s ({source})."]
     return lines
 
 
@@ -373,7 +354,7 @@ def summary(out_dir: Path, work: Path) -> None:
         lines += [f"Wheels: {meta['wheels']}.", ""]
     lines += ["## Parts", ""]
     lines += _table(["part", "status", "exit", "seconds", "cap (s)", "note"],
-                    [[p["part"], p["status"], _fmt(p.get("rc")), _fmt(p.get("seconds")), _fmt(p.get("cap_s")),
+                    [[p["part"], p["status"], format_number(p.get("rc")), format_number(p.get("seconds")), format_number(p.get("cap_s")),
                       p.get("note") or ""] for p in parts])  # fmt: skip
     for p in parts:
         data = part_json.get(p["part"])
