@@ -41,6 +41,11 @@ class VQLossConfig:
 class TokenizerConfig:
     """VQGAN-style encoder/decoder around an IBQ or VQ quantizer.
 
+    `vq_output_l2_normalize` (VQ only; default off) L2-normalises the selected codes (the quantizer's output and
+    `embed`) while the nearest-code lookup stays on the raw z and codebook: transformers' `JanusVQVAE` does this
+    (its quantizer's forward looks up raw codes, its decode path `get_codebook_entry` normalises them);
+    training/import_tokenizer.py sets it for Janus imports.
+
     `resolution` is the nominal training resolution: a level whose (square) size is in `attn_resolutions` gets
     self-attention, as in taming-transformers; the mid block always has attention at the lowest resolution.
     Any image size divisible by `downsample_factor` is accepted.
@@ -58,6 +63,7 @@ class TokenizerConfig:
     codebook_size: int = 256
     quantizer: Literal["ibq", "vq"] = "ibq"
     vq_l2_normalize: bool = False
+    vq_output_l2_normalize: bool = False
     beta: float = 0.25
     entropy_temperature: float = 0.01
     loss: VQLossConfig = field(default_factory=VQLossConfig)
@@ -74,6 +80,8 @@ class TokenizerConfig:
             )
         if self.quantizer not in ("ibq", "vq"):
             raise ValueError(f"TokenizerConfig.quantizer must be 'ibq' or 'vq', got {self.quantizer!r}")
+        if self.vq_output_l2_normalize and self.quantizer != "vq":
+            raise ValueError("TokenizerConfig.vq_output_l2_normalize needs quantizer='vq'")
         channels = [self.base_channels * m for m in self.channel_mult] + [self.base_channels]
         bad = [c for c in channels if c % self.norm_groups]
         if bad:

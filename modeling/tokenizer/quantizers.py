@@ -129,7 +129,9 @@ class VectorQuantizer(Quantizer):
     """Classic VQ-VAE: k* = argmin_k ||z - c_k||^2 = argmax_k (<z, c_k> - ||c_k||^2 / 2).
     z_q = sg(c_k*) + (z - sg(z)): forward value exactly c_k*, gradient straight through to z.
     L_quant = ||c_k* - sg(z)||^2 + beta ||z - sg(c_k*)||^2 (codebook + commitment): only the selected rows get
-    codebook gradient. With `vq_l2_normalize`, z and the codes are unit-normalised before the lookup.
+    codebook gradient. With `vq_l2_normalize`, z and the codes are unit-normalised before the lookup. With
+    `vq_output_l2_normalize` only the selected code is unit-normalised (lookup on raw z and codes, as transformers'
+    JanusVQVAE: raw argmin in its forward, normalised entries in `get_codebook_entry`).
     L_entropy uses the logits -||z - c_k||^2 / 2 at temperature T, computed by the same kernel as z.c_k + b_k with
     the per-code bias b_k = -||c_k||^2 / 2 (differentiable; the -||z||^2 / 2 term is constant per row), so the
     kernel sees the code dim D itself (an appended [c_k, b_k] column would make D = 257 at the paper's D = 256)."""
@@ -137,6 +139,7 @@ class VectorQuantizer(Quantizer):
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__(config, uniform_bound=1.0 / config.codebook_size)
         self.l2_normalize = config.vq_l2_normalize
+        self.output_l2_normalize = config.vq_output_l2_normalize
 
     def codes(self) -> torch.Tensor:
         codes = super().codes()
@@ -144,7 +147,7 @@ class VectorQuantizer(Quantizer):
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         codes = super().embed(indices)
-        return F.normalize(codes, dim=-1) if self.l2_normalize else codes
+        return F.normalize(codes, dim=-1) if self.l2_normalize or self.output_l2_normalize else codes
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if self.l2_normalize:
@@ -153,6 +156,8 @@ class VectorQuantizer(Quantizer):
         half_sq_norm = 0.5 * codebook.float().pow(2).sum(-1)
         indices, _ = codebook_argmax(z.detach(), codebook.detach(), bias=-half_sq_norm.detach())
         selected = F.embedding(indices, codebook)
+        if self.output_l2_normalize:
+            selected = F.normalize(selected, dim=-1)
         quant = F.mse_loss(selected, z.detach()) + self.beta * F.mse_loss(z, selected.detach())
         z_q = selected.detach() + (z - z.detach())
         if self.use_entropy:
