@@ -74,11 +74,30 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.train.precision == "bf16"
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+
+def resolve_ds_config_path(config: str) -> Path:
+    """Where `deepspeed.config` is: an absolute path as given; a relative one against the working directory first,
+    then against the repository's ds_configs/ (so the default "ds_configs/zero3.json", or plain "zero3.json",
+    works from any directory). ConfigError naming every place looked in when none has the file."""
+    path = Path(config)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
+    if not path.is_absolute():
+        inside = path.relative_to("ds_configs") if path.parts[:1] == ("ds_configs",) else path
+        candidates.append(DS_CONFIG_DIR / inside)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"deepspeed.config: file not found: {config} (looked in {' and '.join(str(c) for c in candidates)})"
+    )
+
+
 def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
-    """Read `cfg.deepspeed.config` and fill every "auto" field from our config."""
-    path = Path(cfg.deepspeed.config)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    """Read `cfg.deepspeed.config` (found by resolve_ds_config_path) and fill every "auto" field from our config."""
+    path = resolve_ds_config_path(cfg.deepspeed.config)
     ds = json.loads(path.read_text())
     per_step = cfg.train.micro_batch_size * world_size
     if cfg.train.global_batch_size % per_step:

@@ -182,12 +182,23 @@ def stage_command(config_path: Path, nproc: int, resume: str = "auto") -> list[s
     ]
 
 
+def recipe_output_dir(recipe: dict, recipe_path: str | Path) -> Path:
+    """The recipe's output directory: `output_dir:`, default runs/RECIPE_STEM."""
+    return Path(recipe.get("output_dir", "runs/" + Path(recipe_path).stem))
+
+
+def train_step_config(step: dict, step_dir: Path, output_dir: Path, defaults: dict) -> dict:
+    """The stage config (a dict) a `train` step runs with: its `config:` merged over `defaults:`, its name and
+    output directory set, "@NAME" and "{output_dir}" resolved (also used by training.plan)."""
+    stage = deep_merge(defaults, step.get("config", {}))
+    stage = deep_merge(stage, {"stage": {"name": step["name"]}, "train": {"output_dir": str(step_dir)}})
+    return resolve_refs(stage, output_dir)
+
+
 def step_command(step: dict, step_dir: Path, output_dir: Path, defaults: dict, nproc: int, overrides, resume):
     """The command line of one step; a training step's resolved config is written to STEP_DIR/stage.yaml."""
     if step["run"] == "train":
-        stage = deep_merge(defaults, step.get("config", {}))
-        stage = deep_merge(stage, {"stage": {"name": step["name"]}, "train": {"output_dir": str(step_dir)}})
-        stage = resolve_refs(stage, output_dir)
+        stage = train_step_config(step, step_dir, output_dir, defaults)
         config_path = step_dir / "stage.yaml"
         config_path.write_text(yaml.safe_dump(stage, sort_keys=False))
         load_config(TrainConfig, config_path, list(overrides))
@@ -209,7 +220,7 @@ def run_recipe(
     """Run the recipe's steps (up to `parallel` at once, in dependency order); returns the output directory."""
     log = get_logger()
     recipe = load_recipe(recipe_path)
-    output_dir = Path(recipe.get("output_dir", "runs/" + Path(recipe_path).stem))
+    output_dir = recipe_output_dir(recipe, recipe_path)
     nproc = nproc or int(recipe.get("nproc", 1))
     parallel = int(recipe.get("parallel", 1))
     defaults = recipe.get("defaults", {})

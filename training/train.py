@@ -3,17 +3,20 @@
 Works as plain python (one process), under torchrun, and under the deepspeed launcher (which adds --local_rank).
 The stage kind (stage.kind) decides the objective and the trainable set (training/stages.py); the loop is
 training/trainer.py.
-Exit codes: 0 done, 75 preempted (saved; requeue and resume with --resume auto), 2 bad configuration.
+Exit codes: 0 done, 75 preempted (saved; requeue and resume with --resume auto), 2 bad configuration: the
+config is loaded and checked (training/run_config.py `check_stage`: datasets, hand-offs, the text tokenizer, the
+DeepSpeed config, the batch over WORLD_SIZE, the same checks as `python -m training.plan`) before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from training import checkpoint as ckpt
 from training.config import ConfigError, load_config
-from training.run_config import TrainConfig
+from training.run_config import TrainConfig, check_stage
 from training.trainer import NonFiniteError, Trainer
 
 EPILOG = """examples:
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        # The checks of `python -m training.plan`, before any process group, model or engine exists.
+        check_stage(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
