@@ -68,3 +68,31 @@ def test_train_throughput_tiny_runs(tmp_path):
     assert abs(result["first_loss_ours"] - result["first_loss_baseline"]) <= 1e-5
     for key in ("device", "torch", "deepspeed", "transformers", "date", "git_commit"):
         assert key in result["env"], key
+
+
+def test_real_shape_small_runs(tmp_path):
+    """benchmarks/real_shape.py at its reduced size: one Trainer-driven ZeRO-3 ETT step per --steps, its JSON."""
+    out = tmp_path / "real_shape.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.real_shape",
+        "--size",
+        "small",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["steps"]) == 1 and result["steps"][0]["seconds"] > 0
+    assert result["steps"][0]["loss"] == result["steps"][0]["terms"]["loss/total"] > 0
+    assert result["parameters"]["total"] == sum(v for k, v in result["parameters"].items() if k != "total")
+    assert {"tokenizer", "llm", "projector"} <= set(result["parameters"])
+    assert (
+        result["peak_rss_bytes"] >= result["peak_rss_after_build_bytes"] > 0 and result["build_seconds"] > 0
+    )
+    assert result["shape"]["codes_per_image"] == 18 and "step 1/1" in proc.stdout
+    assert "aborted" not in result and result["fits_24_gib"] is True
