@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -348,3 +349,23 @@ def test_recipe_plan_treats_outputs_of_earlier_steps_as_produced(tmp_path):
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     result = _plan(["--config", str(path)], cwd=tmp_path)
     assert result.returncode == 2 and "HandoffIncomplete" in result.stderr
+
+
+def test_the_shipped_paper_recipe_plans_in_under_a_minute(tmp_path):
+    """training/recipes/paper/recipe.yaml, planned as shipped on 8 x 8 GPUs: every stage, the Qwen2.5-1.5B
+    parameter count, and the parts and data it needs named as missing (they are not on this machine)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path / "plan.json"
+    start = time.time()
+    recipe = Path(REPO_ROOT) / "training" / "recipes" / "paper" / "recipe.yaml"
+    result = _plan(["--config", str(recipe), "--nodes", "8", "--gpus-per-node", "8", "--json", str(out)])
+    elapsed = time.time() - start
+    assert elapsed < 60, f"planning took {elapsed:.0f} s"
+    reports = json.loads(out.read_text())
+    assert [r["kind"] for r in reports] == ["align", "ett", "chat_sft", "t2i"]
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**QWEN25_15B)).parameters())
+    assert all(r["parameters"]["components"]["llm"]["total"] == expected for r in reports)
+    assert result.returncode == 2 and "DatasetNotFound" in result.stdout + result.stderr
