@@ -113,6 +113,8 @@ def test_gpu_check_smoke_mode_reports_every_part(tmp_path):
     assert set(results["train_ours"]["arms"]) == {"ours"} and ours["timed_steps"] == 2
     assert ours["mfu"] is not None and ours["mfu"] > 0 and baseline["tokens_per_s"] > 0
     assert ours["flops_breakdown_first_micro_batch"]["forward_flops"] > 0
+    # Same weights and the same first batch in both arms: the HF Trainer baseline computes the same loss.
+    assert abs(ours["first_loss"] - baseline["first_loss"]) <= 1e-5, (ours["first_loss"], baseline["first_loss"])
     assert "## Training throughput" in summary and "## Kernel benchmark" in summary
 
 
