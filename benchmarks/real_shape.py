@@ -47,6 +47,7 @@ from importlib import metadata
 from pathlib import Path
 
 from benchmarks.provenance import REPO_ROOT, cpu_model, format_number, git
+from benchmarks.train_throughput import PAPER_IBQ
 
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "real_shape_cpu.json"
 GIB = 1024**3
@@ -63,19 +64,6 @@ QWEN25_15B = {
     "max_position_embeddings": 131072,
     "qkv_bias": True,
     "tie_embeddings": True,
-}
-# The paper-scale IBQ tokenizer (modeling/tokenizer/config.py): `resolution` 256 is the nominal resolution that
-# places attention (attn_resolutions [16]) at the lowest level; the images themselves are 512 px.
-PAPER_IBQ = {
-    "resolution": 256,
-    "base_channels": 128,
-    "channel_mult": [1, 1, 2, 2, 4],
-    "num_res_blocks": 4,
-    "attn_resolutions": [16],
-    "norm_groups": 32,
-    "z_channels": 256,
-    "code_dim": 256,
-    "codebook_size": 131072,
 }
 SIZES = {
     "real": {"llm": QWEN25_15B, "tokenizer": PAPER_IBQ, "image_size": [512, 512], "seq_len": 1088},

@@ -84,6 +84,19 @@ from benchmarks.provenance import REPO_ROOT, cpu_model, git
 DEFAULT_JSON = "benchmarks/results/train_throughput.json"
 
 # Stage-2 ETT sections; data paths and output_dir are filled in at run time.
+# The paper-scale IBQ tokenizer (modeling/tokenizer/config.py): `resolution` 256 is the nominal resolution that
+# places attention (attn_resolutions [16]) at the lowest level, whatever the image size.
+PAPER_IBQ = {
+    "resolution": 256,
+    "base_channels": 128,
+    "channel_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 4,
+    "attn_resolutions": [16],
+    "norm_groups": 32,
+    "z_channels": 256,
+    "code_dim": 256,
+    "codebook_size": 131072,
+}
 _COMMON = {
     "stage": {"name": "bench_ett", "kind": "ett"},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "grad_clip": 1.0},
@@ -146,15 +159,7 @@ CONFIGS = {
                 },
                 # The paper's IBQ tokenizer (modeling/tokenizer/config.py docstring), 16x downsampling.
                 "tokenizer": {
-                    "resolution": 256,
-                    "base_channels": 128,
-                    "channel_mult": [1, 1, 2, 2, 4],
-                    "num_res_blocks": 4,
-                    "attn_resolutions": [16],
-                    "norm_groups": 32,
-                    "z_channels": 256,
-                    "code_dim": 256,
-                    "codebook_size": 131072,
+                    **PAPER_IBQ,
                     "loss": {"gan_weight": 0.0, "perceptual_weight": 0.0},
                 },
                 "ett": {},
