@@ -1,15 +1,24 @@
-"""The training loader: global sample order -> workers (read, decode, tokenise) -> packer -> packed batches.
+"""The training loader: global sample order -> packing streams (read, decode, tokenise, pack, collate) -> batches.
 
     loader = build_train_loader(LoaderConfig(datasets=[...], rank=r, world_size=w, ...), tokenizer)
     for batch in loader: ...                     # infinite; epochs roll over
     state = loader.state_dict()                  # collective when torch.distributed is initialised (all ranks)
     loader.load_state_dict(state)                # same state on every rank; before iterating
 
-State (JSON-serialisable, global): seed, datasets and weights, world size, per-epoch layouts of the positions not yet
-consumed (reader.py), and per rank its epoch, cursor (share items received) and packer pending keys. With the same
-world size the stream continues exactly (any worker count: worker k takes share items k, k+N, ..., and the
-DataLoader returns them round-robin, i.e. in share order). With another world size the unconsumed positions, pending
-ones included, are laid out again, so no sample of the epoch is skipped or repeated. Nothing consumed is re-read.
+**Packing streams.** A rank's share of the global order (reader.py) is split into `pack_streams` = S streams: stream
+s takes share items s, s + S, s + 2S, ... of every epoch and packs them with its own packer. Batches come out
+round-robin over the streams (stream 0's first batch, stream 1's first, ..., stream 0's second, ...), so the
+batch sequence is a function of the seed, the world size and S alone. DataLoader worker w of N (N divides S)
+builds the batches of streams w, w + N, ...: reading, decoding, tokenising, packing and collation all run in the
+workers, and whole batches come back, each with its stream's state after it. With `num_workers=0` the same streams
+run in the main process. `pack_streams=None` (the default) takes max(1, num_workers) on a fresh start and the saved
+S on a resume; a configured worker count that does not divide S uses the largest divisor of S below it.
+
+**State** (JSON-serialisable, global): seed, datasets and weights, world size, S, per-epoch layouts of the positions
+not yet consumed (reader.py), and per rank the stream to emit next and per stream its epoch, cursor (the next share
+index it reads) and packer pending keys. With the same world size and S the stream continues exactly, for any
+number of workers. With another world size or S the unconsumed positions, pending ones included, are laid out
+again, so no sample of the epoch is skipped or repeated. Nothing consumed is re-read.
 
 Bad samples (undecodable image, empty text, corrupt shard, schema violation) are skipped, counted by reason and
 logged once per reason with the sample id; a skip rate above `max_skip_fraction` (after `min_samples_for_skip_check`
@@ -21,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -35,7 +44,7 @@ from data_pipeline.shards import CorruptShardError, ShardDataset
 from data_pipeline.text_tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class DataSkipRateError(RuntimeError):
@@ -49,6 +58,7 @@ class LoaderConfig:
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
+    pack_streams: int | None = None
     seed: int = 0
     shuffle: bool = True
     image_size: tuple[int, int] = (32, 32)
@@ -60,67 +70,170 @@ class LoaderConfig:
     caption_dropout: float = 0.0
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 200
-    prefetch_factor: int = 8
+    prefetch_factor: int = 2
     pin_memory: bool = False
 
 
 @dataclass
-class _Item:
-    """One share item as it leaves a worker: its place in the stream, and the sample or the reason it was skipped."""
+class StreamState:
+    """Where one packing stream stands: it reads share index `cursor` of `epoch` next; `pending` holds the
+    (epoch, position) keys in its packer."""
 
     epoch: int
-    index: int
-    position: int
+    cursor: int
+    pending: list = field(default_factory=list)
+
+
+@dataclass
+class _Skip:
+    sample_id: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class _Item:
+    """One share item read and processed: its global key, and the sample or why it was skipped."""
+
+    key: tuple[int, int]
     sample_id: str
     sample: object = None
-    skip: str | None = None
-    detail: str = ""
+    skip: _Skip | None = None
 
 
-class _ShareStream(IterableDataset):
-    """This rank's share of the global order from (epoch, cursor) on, read and processed in DataLoader workers."""
+@dataclass
+class _Batch:
+    """A collated batch as it leaves a stream, with what the main process needs to account for it; a stream whose
+    own skip rate is too high sends its skips and the error instead (the main process counts them, then raises)."""
 
-    def __init__(self, mixture: Mixture, processor: SampleProcessor, rank: int, world_size: int):
-        self.mixture, self.processor, self.rank, self.world_size = mixture, processor, rank, world_size
+    stream: int
+    batch: dict
+    keys: list
+    state: StreamState
+    received: int
+    skips: list[_Skip]
+    packer_counts: Counter
+    error: DataSkipRateError | None = None
+
+
+def skip_rate_error(
+    received: int, skips: Counter, last: _Skip, cfg: LoaderConfig
+) -> DataSkipRateError | None:
+    """The error to stop with when more than cfg.max_skip_fraction of `received` samples were skipped."""
+    skipped = sum(skips.values())
+    if received < cfg.min_samples_for_skip_check or skipped <= cfg.max_skip_fraction * received:
+        return None
+    return DataSkipRateError(
+        f"{skipped} of {received} samples skipped ({skipped / received:.1%}) on rank {cfg.rank}, above "
+        f"max_skip_fraction={cfg.max_skip_fraction}; by reason: {dict(skips)}; last: {last.sample_id} "
+        f"({last.reason}: {last.detail})"
+    )
+
+
+class _BatchStreams(IterableDataset):
+    """This rank's packing streams from their saved states on, as batches; in DataLoader workers or in-process."""
+
+    def __init__(
+        self,
+        mixture: Mixture,
+        processor: SampleProcessor,
+        cfg: LoaderConfig,
+        pad_id: int,
+        placeholder_id: int,
+    ):
+        self.mixture, self.processor, self.cfg = mixture, processor, cfg
+        self.pad_id, self.placeholder_id = pad_id, placeholder_id
+        self.pack_config = PackConfig(cfg.seq_len, cfg.micro_batch_size, cfg.overlong)
         self.layouts: dict[int, EpochLayout] = {}
-        self.start_epoch, self.start_index = 0, 0
+        self.streams: list[StreamState] = []
+        self.first = 0
 
     def layout(self, epoch: int) -> EpochLayout:
         return self.layouts[epoch] if epoch in self.layouts else EpochLayout(self.mixture.epoch_length)
 
-    def fetch(self, epoch: int, index: int, position: int) -> _Item:
+    def fetch(self, epoch: int, position: int) -> _Item:
         draw = self.mixture.locate(epoch, position)
         dataset = self.mixture.datasets[draw.dataset]
-        item = _Item(epoch, index, position, f"{dataset.dir.name}/shard{draw.shard}/row{draw.row}")
+        item = _Item((epoch, position), f"{dataset.dir.name}/shard{draw.shard}/row{draw.row}")
         try:
             row = dataset.row(draw.shard, draw.row)
             item.sample_id = f"{dataset.dir.name}/{row['id']}"
             check_sample(row)
             item.sample = self.processor(row, (draw.dataset, draw.draw))
         except CorruptShardError as err:
-            item.skip, item.detail = "corrupt_shard", str(err)
+            item.skip = _Skip(item.sample_id, "corrupt_shard", str(err))
         except ValueError as err:
-            item.skip, item.detail = "invalid_sample", str(err)
+            item.skip = _Skip(item.sample_id, "invalid_sample", str(err))
         except SkipSample as err:
-            item.skip, item.detail = err.reason, err.detail
+            item.skip = _Skip(item.sample_id, err.reason, err.detail)
         return item
 
-    def __iter__(self) -> Iterator[_Item]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, index, k = self.start_epoch, self.start_index, 0
+    def restore_packer(self, state: StreamState) -> Packer:
+        """A packer holding the stream's pending samples, read again (packing.py: the buffer is a function of them)."""
+        packer = Packer(self.pack_config)
+        for epoch, position in state.pending:
+            item = self.fetch(epoch, position)
+            if item.skip is not None:
+                raise ValueError(
+                    f"pending sample {item.sample_id} of the saved data state cannot be read again: {item.skip.detail}"
+                )
+            packer.add((epoch, position), item.sample)
+        return packer
+
+    def batches(self, stream: int) -> Iterator[_Batch]:
+        """Stream `stream`'s batches: share items cursor, cursor + S, ... of each epoch, packed and collated."""
+        cfg, count = self.cfg, len(self.streams)
+        state = self.streams[stream]
+        packer = self.restore_packer(state)
+        counted = Counter(packer.counts)
+        epoch, index = state.epoch, state.cursor
+        received, skips, total_received, total_skips = 0, [], 0, Counter()
         while True:
             layout = self.layout(epoch)
-            share = layout.share_length(self.rank, self.world_size)
+            share = layout.share_length(cfg.rank, cfg.world_size)
             while index < share:
-                if k % num_workers == worker:
-                    yield self.fetch(epoch, index, layout[self.rank + index * self.world_size])
-                index, k = index + 1, k + 1
-            epoch, index = epoch + 1, 0
+                item = self.fetch(epoch, layout[cfg.rank + index * cfg.world_size])
+                index, received, total_received = index + count, received + 1, total_received + 1
+                if item.skip is None:
+                    try:
+                        rows = packer.add(item.key, item.sample)
+                    except SkipSample as err:
+                        item.skip = _Skip(item.sample_id, err.reason, err.detail)
+                if item.skip is not None:
+                    skips.append(item.skip)
+                    total_skips[item.skip.reason] += 1
+                    error = skip_rate_error(total_received, total_skips, item.skip, cfg)
+                    if error is not None:
+                        after = StreamState(epoch, index, [list(k) for k in packer.pending_keys()])
+                        yield _Batch(stream, {}, [], after, received, skips, packer.counts - counted, error)
+                        return
+                    continue
+                if rows is not None:
+                    batch = collate_rows(rows, cfg.seq_len, self.pad_id, self.placeholder_id, cfg.image_size)
+                    after = StreamState(epoch, index, [list(k) for k in packer.pending_keys()])
+                    keys = [key for row in rows for key, _ in row]
+                    yield _Batch(stream, batch, keys, after, received, skips, packer.counts - counted)
+                    received, skips, counted = 0, [], Counter(packer.counts)
+            epoch, index = epoch + 1, stream
+
+    def __iter__(self) -> Iterator[_Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        count = len(self.streams)
+        mine = [
+            self.batches((self.first + worker + t * num_workers) % count) for t in range(count // num_workers)
+        ]
+        while True:
+            for batches in mine:
+                yield next(batches)
 
 
 def _identity(item):
     return item
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 class StreamingLoader:
@@ -131,6 +244,8 @@ class StreamingLoader:
             raise ValueError(f"rank={config.rank} must be in [0, world_size={config.world_size})")
         if config.num_workers < 0:
             raise ValueError(f"num_workers={config.num_workers} must be >= 0")
+        if config.pack_streams is not None and config.pack_streams < 1:
+            raise ValueError(f"pack_streams={config.pack_streams} must be >= 1 (or None: one per worker)")
         self.cfg, self.tokenizer = config, tokenizer
         self.datasets = [ShardDataset(path) for path in config.datasets]
         self.mixture = Mixture(self.datasets, config.weights, config.seed, config.shuffle)
@@ -141,24 +256,49 @@ class StreamingLoader:
         process = ProcessConfig(
             config.image_size, config.downsample, config.resize, config.caption_dropout, config.seed
         )
-        self.stream = _ShareStream(
-            self.mixture, SampleProcessor(tokenizer, process), config.rank, config.world_size
+        self.source = _BatchStreams(
+            self.mixture,
+            SampleProcessor(tokenizer, process),
+            config,
+            tokenizer.pad_id,
+            tokenizer.image_placeholder_id,
         )
-        self.pack_config = PackConfig(config.seq_len, config.micro_batch_size, config.overlong)
-        self.packer = Packer(self.pack_config)
-        self.epoch, self.cursor = 0, 0
-        self.received, self.skips = 0, Counter()
+        self._start_streams(config.pack_streams or max(1, config.num_workers))
+        self.received, self.skips, self.packer_counts = 0, Counter(), Counter()
         self.last_batch_keys: list[tuple[int, int]] = []
         self._iterator = None
 
-    def _items(self) -> Iterator[_Item]:
-        self.stream.start_epoch, self.stream.start_index = self.epoch, self.cursor
-        if self.cfg.num_workers == 0:
-            return iter(self.stream)
+    def _start_streams(self, count: int, epoch: int = 0) -> None:
+        self.source.streams = [StreamState(epoch, s) for s in range(count)]
+        self.source.first = 0
+
+    @property
+    def streams(self) -> list[StreamState]:
+        return self.source.streams
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch some stream still reads."""
+        return min(s.epoch for s in self.streams)
+
+    def pending_keys(self) -> list[tuple[int, int]]:
+        return [tuple(k) for s in self.streams for k in s.pending]
+
+    def _batches(self) -> Iterator[_Batch]:
+        workers = _divisor_at_most(len(self.streams), self.cfg.num_workers) if self.cfg.num_workers else 0
+        if workers == 0:
+            return iter(self.source)
+        if workers < self.cfg.num_workers:
+            log.info(
+                "data: %d of num_workers=%d build batches (they must divide the %d packing streams)",
+                workers,
+                self.cfg.num_workers,
+                len(self.streams),
+            )
         loader = DataLoader(
-            self.stream,
+            self.source,
             batch_size=None,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
             collate_fn=_identity,
             prefetch_factor=self.cfg.prefetch_factor,
         )
@@ -169,77 +309,55 @@ class StreamingLoader:
 
     def __next__(self) -> dict:
         if self._iterator is None:
-            self._iterator = self._items()
-        while True:
-            item = next(self._iterator)
-            self.epoch, self.cursor = item.epoch, item.index + 1
-            self.received += 1
-            if item.skip is not None:
-                self._count_skip(item)
-                continue
-            try:
-                rows = self.packer.add((item.epoch, item.position), item.sample)
-            except SkipSample as err:
-                item.skip, item.detail = err.reason, err.detail
-                self._count_skip(item)
-                continue
-            if rows is not None:
-                self.last_batch_keys = [key for row in rows for key, _ in row]
-                batch = collate_rows(
-                    rows,
-                    self.cfg.seq_len,
-                    self.tokenizer.pad_id,
-                    self.tokenizer.image_placeholder_id,
-                    self.cfg.image_size,
-                )
-                if self.cfg.pin_memory:
-                    batch = {
-                        k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-                    }
-                return batch
+            self._iterator = self._batches()
+        out = next(self._iterator)
+        self.streams[out.stream] = out.state
+        self.source.first = (out.stream + 1) % len(self.streams)
+        self.received += out.received
+        self.packer_counts.update(out.packer_counts)
+        for skip in out.skips:
+            self._count_skip(skip)
+        if out.error is not None:
+            raise out.error
+        self.last_batch_keys = out.keys
+        if self.cfg.pin_memory:
+            return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.batch.items()}
+        return out.batch
 
-    def _count_skip(self, item: _Item) -> None:
-        if self.skips[item.skip] == 0:
+    def _count_skip(self, skip: _Skip) -> None:
+        if self.skips[skip.reason] == 0:
             log.warning(
                 "skipping sample %s (%s): %s [further %r skips are counted]",
-                item.sample_id,
-                item.skip,
-                item.detail,
-                item.skip,
+                skip.sample_id,
+                skip.reason,
+                skip.detail,
+                skip.reason,
             )
-        self.skips[item.skip] += 1
-        skipped = sum(self.skips.values())
-        if (
-            self.received >= self.cfg.min_samples_for_skip_check
-            and skipped > self.cfg.max_skip_fraction * self.received
-        ):
-            raise DataSkipRateError(
-                f"{skipped} of {self.received} samples skipped ({skipped / self.received:.1%}) on rank {self.cfg.rank}, "
-                f"above max_skip_fraction={self.cfg.max_skip_fraction}; by reason: {dict(self.skips)}; last: "
-                f"{item.sample_id} ({item.skip}: {item.detail})"
-            )
+        self.skips[skip.reason] += 1
+        error = skip_rate_error(self.received, self.skips, skip, self.cfg)
+        if error is not None:
+            raise error
 
     @property
     def stats(self) -> dict:
         """Counters for logging: samples received, skipped by reason, overlong samples truncated/dropped."""
-        return {"received": self.received, "skipped": dict(self.skips), **dict(self.packer.counts)}
+        return {"received": self.received, "skipped": dict(self.skips), **dict(self.packer_counts)}
 
     def local_state(self) -> dict:
         """This rank's part of the state (combine all ranks' with `merge_states`)."""
         return {
             "rank": self.cfg.rank,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "pending": [list(key) for key in self.packer.pending_keys()],
+            "streams": [asdict(s) for s in self.streams],
+            "next_stream": self.source.first,
             "received": self.received,
             "skipped": dict(self.skips),
             "layouts": {
-                str(e): lay.to_dict() for e, lay in self.stream.layouts.items() if e >= self._min_epoch()
+                str(e): lay.to_dict() for e, lay in self.source.layouts.items() if e >= self._min_epoch()
             },
         }
 
     def _min_epoch(self) -> int:
-        return min([self.epoch] + [e for e, _ in self.packer.pending_keys()])
+        return min([self.epoch] + [e for e, _ in self.pending_keys()])
 
     def state_dict(self) -> dict:
         """The global state. Under torch.distributed this gathers every rank's part: call it on all ranks."""
@@ -261,6 +379,7 @@ class StreamingLoader:
             "weights": self.mixture.counts,
             "epoch_length": self.mixture.epoch_length,
             "world_size": self.cfg.world_size,
+            "pack_streams": len(self.streams),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -274,25 +393,23 @@ class StreamingLoader:
         length = self.mixture.epoch_length
         layouts = {int(e): EpochLayout.from_dict(length, d) for e, d in state["layouts"].items()}
         ranks = state["ranks"]
-        if state["world_size"] == self.cfg.world_size:
+        count = self.cfg.pack_streams or state["pack_streams"]
+        if state["world_size"] == self.cfg.world_size and count == state["pack_streams"]:
             mine = ranks[self.cfg.rank]
-            epoch, cursor, pending = mine["epoch"], mine["cursor"], [tuple(k) for k in mine["pending"]]
+            self.source.streams = [StreamState(**s) for s in mine["streams"]]
+            self.source.first = mine["next_stream"]
             self.received, self.skips = mine["received"], Counter(mine["skipped"])
         else:
             layouts = _relayout_all(layouts, ranks, state["world_size"], length)
-            epoch, cursor, pending = min(r["epoch"] for r in ranks), 0, []
-            epoch = min([epoch] + [k[0] for r in ranks for k in r["pending"]])
+            pending_epochs = [k[0] for r in ranks for s in r["streams"] for k in s["pending"]]
+            self._start_streams(
+                count, min([s["epoch"] for r in ranks for s in r["streams"]] + pending_epochs)
+            )
             self.received, self.skips = 0, Counter()
-        self.stream.layouts = layouts
-        self.epoch, self.cursor, self._iterator = epoch, cursor, None
-        self.packer = Packer(self.pack_config)
-        for e, position in pending:
-            item = self.stream.fetch(e, -1, position)
-            if item.skip is not None:
-                raise ValueError(
-                    f"pending sample {item.sample_id} of the saved state cannot be read again: {item.detail}"
-                )
-            self.packer.add((e, position), item.sample)
+        self.source.layouts = layouts
+        self.packer_counts, self._iterator = Counter(), None
+        for stream in self.streams:
+            self.source.restore_packer(stream)
 
 
 def merge_states(parts: list[dict], header: dict) -> dict:
@@ -308,8 +425,8 @@ def merge_states(parts: list[dict], header: dict) -> dict:
     skipped: Counter = Counter()
     for p in parts:
         skipped.update(p["skipped"])
-    ranks = [{k: p[k] for k in ("epoch", "cursor", "pending", "received", "skipped")} for p in parts]
-    consumed = sum(p["received"] - len(p["pending"]) for p in parts)
+    ranks = [{k: p[k] for k in ("streams", "next_stream", "received", "skipped")} for p in parts]
+    consumed = sum(p["received"] - sum(len(s["pending"]) for s in p["streams"]) for p in parts)
     return {
         **header,
         "layouts": layouts,
@@ -320,19 +437,23 @@ def merge_states(parts: list[dict], header: dict) -> dict:
 
 
 def _relayout_all(layouts: dict[int, EpochLayout], ranks: list[dict], world_size: int, length: int) -> dict:
-    """New layouts for every epoch some old rank had started: the positions no rank consumed, pending included."""
-    first = min([r["epoch"] for r in ranks] + [k[0] for r in ranks for k in r["pending"]])
-    last = max(r["epoch"] for r in ranks)
+    """New layouts for every epoch some old stream had started: the positions no stream consumed, pending included."""
+    streams = [s for r in ranks for s in r["streams"]]
+    first = min([s["epoch"] for s in streams] + [k[0] for s in streams for k in s["pending"]])
+    last = max(s["epoch"] for s in streams)
     new = {}
     for epoch in range(first, last + 1):
         layout = layouts[epoch] if epoch in layouts else EpochLayout(length)
         cursors = []
         for rank, r in enumerate(ranks):
-            if r["epoch"] > epoch:
-                cursors.append(layout.share_length(rank, world_size))
-            else:
-                cursors.append(r["cursor"] if r["epoch"] == epoch else 0)
-        pending = {pos for r in ranks for e, pos in r["pending"] if e == epoch}
+            share = layout.share_length(rank, world_size)
+            cursors.append(
+                [
+                    share if s["epoch"] > epoch else s["cursor"] if s["epoch"] == epoch else 0
+                    for s in r["streams"]
+                ]
+            )
+        pending = {pos for s in streams for e, pos in s["pending"] if e == epoch}
         new[epoch] = relayout(layout, world_size, cursors, pending)
     return new
 

@@ -138,18 +138,22 @@ class EpochLayout:
         return cls(epoch_length, [int(p) for p in d["leftover"]], int(d["tail_start"]))
 
 
-def relayout(layout: EpochLayout, world_size: int, cursors: list[int], pending: set[int]) -> EpochLayout:
-    """The positions of `layout` not consumed by `world_size` old ranks, rank r having received its first
-    cursors[r] share items of which those in `pending` (its packer buffer) were not yet trained on."""
-    low = min(cursors) * world_size
-    high = min(max(cursors) * world_size, len(layout))
+def relayout(
+    layout: EpochLayout, world_size: int, cursors: list[list[int]], pending: set[int]
+) -> EpochLayout:
+    """The positions of `layout` not consumed by `world_size` old ranks of S packing streams each (loader.py):
+    share item k of rank r was received when k < cursors[r][k % S], and those in `pending` (packer buffers) were
+    not yet trained on."""
+    streams = len(cursors[0])
+    low = min(min(c) for c in cursors) * world_size
+    high = min(max(max(c) for c in cursors) * world_size, len(layout))
     index_of = {p: i for i, p in enumerate(layout.leftover)}
     pending_index = [index_of.get(p, len(layout.leftover) + p - layout.tail_start) for p in pending]
     leftover = [layout[i] for i in sorted(pending_index) if i < low]
     leftover += [
         layout[i]
         for i in range(low, high)
-        if i // world_size >= cursors[i % world_size] or layout[i] in pending
+        if i // world_size >= cursors[i % world_size][i // world_size % streams] or layout[i] in pending
     ]
     if high < len(layout.leftover):
         leftover += layout.leftover[high:]

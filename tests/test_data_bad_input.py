@@ -74,7 +74,7 @@ def reference_skips(loader, bad_ids):
             except (OSError, pa.ArrowInvalid):
                 ids.update({(s, r): "<corrupt>" for r in range(entry["num_rows"])})
     length = loader.mixture.epoch_length
-    received = [(0, p) for p in range(length)] + [(1, p) for p in range(loader.cursor)]
+    received = [(0, p) for p in range(length)] + [(1, p) for p in range(loader.streams[0].cursor)]
     counts = Counter()
     for epoch, position in received:
         draw = loader.mixture.locate(epoch, position)

@@ -85,7 +85,7 @@ def save_state(loaders):
 
 
 @pytest.mark.parametrize(
-    "world_size,num_workers,resume_workers", [(1, 0, 0), (1, 2, 1), (2, 1, 2), (2, 0, 0)]
+    "world_size,num_workers,resume_workers", [(1, 0, 0), (1, 2, 1), (1, 2, 0), (2, 1, 2), (2, 0, 0)]
 )
 def test_resume_continues_exactly(data, world_size, num_workers, resume_workers):
     steps, cut = 14, (3, 9)  # 14 steps x 2 rows cross the 45-sample epoch; both cuts are mid-pack
@@ -99,7 +99,7 @@ def test_resume_continues_exactly(data, world_size, num_workers, resume_workers)
             pieces[rank] += part[rank]
         done = stop
         state = save_state(loaders)
-        assert any(r["pending"] for r in state["ranks"]), "the cut should leave samples in the packer"
+        assert any(s["pending"] for r in state["ranks"] for s in r["streams"]), "the cut should leave samples in the packer"
         loaders = make_loaders(data, world_size, resume_workers)
         for loader in loaders:
             loader.load_state_dict(state)
@@ -111,16 +111,20 @@ def epoch_coverage(emitted, loaders, epoch):
     """Count of each position of `epoch` that was emitted in a batch or still sits in a packer."""
     counts = Counter(pos for e, pos in emitted if e == epoch)
     for loader in loaders:
-        counts.update(pos for e, pos in loader.packer.pending_keys() if e == epoch)
+        counts.update(pos for e, pos in loader.pending_keys() if e == epoch)
     return counts
 
 
-@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
-def test_world_size_change_covers_epoch_once(data, old_world, new_world):
-    loaders = make_loaders(data, old_world, 0)
+@pytest.mark.parametrize(
+    "old_world,new_world,old_streams,new_streams", [(2, 1, 1, 1), (1, 2, 1, 1), (2, 3, 1, 1), (2, 1, 2, 3)]
+)
+def test_world_size_change_covers_epoch_once(data, old_world, new_world, old_streams, new_streams):
+    """A new world size or number of packing streams lays the unconsumed positions out again: every position of
+    the epoch is trained on exactly once."""
+    loaders = make_loaders(data, old_world, 0, pack_streams=old_streams)
     emitted = [k for rank in take(loaders, 4) for _, keys in rank for k in keys]
     state = save_state(loaders)
-    loaders = make_loaders(data, new_world, 0)
+    loaders = make_loaders(data, new_world, 0, pack_streams=new_streams)
     for loader in loaders:
         loader.load_state_dict(state)
     while min(lo.epoch for lo in loaders) == 0:
@@ -136,17 +140,11 @@ def test_epoch_visits_every_row_once_in_shuffled_order(data):
     for path in sorted((root / "glyph").glob("*.arrow")):
         ids += pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("id").to_pylist()
     loader = make_loaders(data, 1, 0)[0]
-    stream = loader.stream
-    seen = [
-        stream.fetch(0, i, p).sample_id.split("/")[-1]
-        for i, p in enumerate(range(loader.mixture.epoch_length))
-    ]
+    source = loader.source
+    seen = [source.fetch(0, p).sample_id.split("/")[-1] for p in range(loader.mixture.epoch_length)]
     assert sorted(seen) == sorted(ids)
     assert seen != ids  # shuffled
-    seen_next = [
-        stream.fetch(1, i, p).sample_id.split("/")[-1]
-        for i, p in enumerate(range(loader.mixture.epoch_length))
-    ]
+    seen_next = [source.fetch(1, p).sample_id.split("/")[-1] for p in range(loader.mixture.epoch_length)]
     assert sorted(seen_next) == sorted(ids) and seen_next != seen
 
 

@@ -35,6 +35,7 @@ def loader_config(
         rank=rank,
         world_size=world_size,
         num_workers=cfg.data.num_workers,
+        pack_streams=cfg.data.pack_streams,
         seed=cfg.train.seed,
         shuffle=shuffle,
         image_size=tuple(cfg.data.image_size),

@@ -67,6 +67,7 @@ class DataConfig:
     image_size: tuple[int, int] = (32, 32)
     seq_len: int = 128
     num_workers: int = 0
+    pack_streams: int | None = None
     shuffle: bool = True
     caption_dropout: float = 0.0
     max_skip_fraction: float = 0.05
