@@ -109,8 +109,11 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def start_ranks(nproc: int, args: list[str], log_dir, env_extra: dict | None = None) -> RankGroup:
-    """Start `python -m training.train args` on nproc ranks (gloo on CPU); logs go to log_dir/rankR-PORT.log."""
+def start_ranks(
+    nproc: int, args: list[str], log_dir, env_extra: dict | None = None, module: str = "training.train"
+) -> RankGroup:
+    """Start `python -m MODULE args` (training.train by default) on nproc ranks (gloo on CPU); logs go to
+    log_dir/rankR-PORT.log."""
     port = _free_port()
     procs, logs = [], []
     for rank in range(nproc):
@@ -127,7 +130,7 @@ def start_ranks(nproc: int, args: list[str], log_dir, env_extra: dict | None = N
         logs.append(log_path)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "training.train", *args],
+                [sys.executable, "-m", module, *args],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=open(log_path, "w"),
@@ -138,16 +141,21 @@ def start_ranks(nproc: int, args: list[str], log_dir, env_extra: dict | None = N
 
 
 def run_ranks(
-    nproc: int, args: list[str], log_dir, env_extra: dict | None = None, timeout: float = 600
+    nproc: int,
+    args: list[str],
+    log_dir,
+    env_extra: dict | None = None,
+    timeout: float = 600,
+    module: str = "training.train",
 ) -> RankGroup:
     """start_ranks, wait, and fail the test with every rank's log tail if any rank exits non-zero."""
-    group = start_ranks(nproc, args, log_dir, env_extra)
+    group = start_ranks(nproc, args, log_dir, env_extra, module)
     try:
         codes = group.wait(timeout)
     finally:
         group.kill9()
     if any(codes):
-        pytest.fail(f"training.train exited with {codes}\n{group.output()}")
+        pytest.fail(f"{module} exited with {codes}\n{group.output()}")
     return group
 
 

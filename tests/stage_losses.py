@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,11 +65,13 @@ def loss_terms(run_dir: Path) -> list[dict[str, float]]:
 
 
 def run_chain(data_dir: Path, work_dir: Path, nproc: int) -> dict[str, list[dict[str, float]]]:
-    runs = {name: work_dir / f"np{nproc}" / name for name in
-            ("tokenizer", "llm", "align", "ett", "ett_index", "chat_sft", "t2i")}
-    out = {}
-    for name, kind, sections in chain(runs):
-        config = write_stage_config(
+    """The whole chain on `nproc` ranks, every stage in the same processes one after the other (`run_stages`)."""
+    runs = {
+        name: work_dir / f"np{nproc}" / name
+        for name in ("tokenizer", "llm", "align", "ett", "ett_index", "chat_sft", "t2i")
+    }
+    configs = [
+        write_stage_config(
             work_dir / f"np{nproc}-{name}.yaml",
             kind,
             data_dir,
@@ -76,9 +79,22 @@ def run_chain(data_dir: Path, work_dir: Path, nproc: int) -> dict[str, list[dict
             schedule={"max_steps": STEPS, "warmup_ratio": 0.0, "kind": "constant"},
             **sections,
         )
-        run_ranks(nproc, ["--config", str(config), "--resume", "none"], work_dir)
-        out[name] = loss_terms(runs[name])
-    return out
+        for name, kind, sections in chain(runs)
+    ]
+    run_ranks(nproc, ["--run-stages", *map(str, configs)], work_dir, module="tests.stage_losses")
+    return {name: loss_terms(runs[name]) for name in runs}
+
+
+def run_stages(configs: list[str]) -> int:
+    """One rank's part of a chain: `python -m training.train --config C --resume none` for each config in turn,
+    in this process (one start-up for the whole chain)."""
+    from training.train import main as train
+
+    for config in configs:
+        code = train(["--config", config, "--resume", "none"])
+        if code:
+            return code
+    return 0
 
 
 def record(work_dir: Path) -> dict:
@@ -90,9 +106,16 @@ def record(work_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON file to write the per-step losses to")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="JSON file to write the per-step losses to")
+    parser.add_argument("--run-stages", nargs="+", metavar="CONFIG", help="(one rank of run_chain)")
     args = parser.parse_args()
+    if args.run_stages:
+        sys.exit(run_stages(args.run_stages))
+    if not args.out:
+        parser.error("--out is required")
     with tempfile.TemporaryDirectory() as tmp:
         values = record(Path(tmp))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
