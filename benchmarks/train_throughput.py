@@ -132,7 +132,7 @@ CONFIGS = {
                 },
                 "ett": {},
             },
-            "data": {"image_size": [24, 48], "seq_len": 96, "num_workers": 0},
+            "data": {"image_size": [24, 48], "seq_len": 96, "num_workers": 1},
             "train": {"global_batch_size": 4, "micro_batch_size": 4, "log_every": 10, "progress": False},
         },
     },
