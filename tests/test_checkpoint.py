@@ -1,12 +1,15 @@
-"""Checkpoints: exact resume after kill -9, world-size changes, crash during a save, preemption signals, the
-non-finite guard, and DeepSpeed's own zero_to_fp32.py on our checkpoints. The reference is always an uninterrupted
-run of the same stage (ETT stage 2 with its discriminator, ZeRO-3, fp32, constant schedule)."""
+"""Checkpoints: exact resume after kill -9, world-size changes, crash during a save, a kill during the background
+write, damaged shards (verification), preemption signals, the non-finite guard, and DeepSpeed's own zero_to_fp32.py
+on our checkpoints. The reference is always an uninterrupted run of the same stage (ETT stage 2 with its
+discriminator, ZeRO-3, fp32, constant schedule)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +23,13 @@ STEPS = 6
 
 
 def _losses(run_dir) -> dict[int, float]:
-    """step -> total loss; a step logged twice (before a kill and after the resume) keeps its last value."""
+    """step -> total loss; a step logged twice (before a kill and after the resume) keeps its last value. A line
+    still being written (the run is live) is left out."""
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
+        if not line.endswith("\n"):
+            continue
         row = json.loads(line)
         if "loss/total" in row:
             out[row["step"]] = row["loss/total"]
@@ -155,6 +162,77 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(reference, ti
     resumed, expected = _losses(run_dir), _losses(reference[1])
     for step in range(3, STEPS + 1):
         assert resumed[step] == expected[step], step
+
+
+HANG_DURING_BACKGROUND_WRITE = """
+import os
+import pathlib
+import time
+
+import training.checkpoint as ckpt
+
+write = ckpt.BackgroundWrite._write
+
+
+def hanging_write(self, writer, queued):
+    if self.tag == os.environ["ETT_TEST_HANG_TAG"]:
+        _, path = queued[0]
+        pathlib.Path(path).write_bytes(b"the first bytes of a shard")
+        pathlib.Path(os.environ["ETT_TEST_HANG_MARKER"] + str(self.rank)).touch()
+        time.sleep(3600)
+    write(self, writer, queued)
+
+
+ckpt.BackgroundWrite._write = hanging_write
+"""
+
+
+def test_kill_during_background_write_and_a_damaged_shard(reference, tiny_data, handoff, tmp_path):
+    """2 ranks, a save every step. The writers of step 5 hang mid-file (a sitecustomize hook) while training goes
+    on to step 6; kill -9 there: step 4 stays the newest published checkpoint. Then one byte of a rank-1 shard of
+    step 4 is flipped: `--resume PATH` to it exits 2 naming the file, and `--resume auto` skips the unpublished
+    step 5 and the damaged step 4 with a warning naming the file, and resumes from step 3 bit-identically."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_DURING_BACKGROUND_WRITE)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    config = _config(tmp_path / "run.yaml", tiny_data, handoff, run_dir, checkpoint={"save_every": 1})
+    marker = tmp_path / "hung-rank"
+    hang_env = {
+        "PYTHONPATH": os.pathsep.join([str(hook), REPO_ROOT]),
+        "ETT_TEST_HANG_TAG": "step00000005",
+        "ETT_TEST_HANG_MARKER": str(marker),
+    }
+    group = start_ranks(2, ["--config", str(config), "--resume", "none"], tmp_path, env_extra=hang_env)
+    deadline = time.time() + 300
+    # Both writers hung and training went on to the last step (the final save then waits for step 5's).
+    while not (all(Path(f"{marker}{r}").exists() for r in (0, 1)) and STEPS in _losses(run_dir)):
+        assert time.time() < deadline and all(p.poll() is None for p in group.procs), group.output()
+        time.sleep(0.1)
+    group.kill9()
+    assert not (run_dir / "DONE").exists()
+    assert list_complete(ckpts) == [f"step{s:08d}" for s in range(1, 5)]
+    assert (ckpts / "latest").read_text() == "step00000004"
+    assert (ckpts / "tmp-step00000005").is_dir()
+
+    damaged = ckpts / "step00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(data)
+    explicit = start_ranks(1, ["--config", str(config), "--resume", str(ckpts / "step00000004")], tmp_path)
+    assert explicit.wait(300) == [2], explicit.output()
+    assert f"{damaged}: crc32 differs" in explicit.output()
+
+    group = run_ranks(2, ["--config", str(config), "--resume", "auto"], tmp_path)
+    output = "".join(Path(log).read_text() for log in group.logs)
+    assert (
+        "tmp-step00000005" in output and f"skipping the damaged checkpoint {ckpts / 'step00000004'}" in output
+    )
+    assert f"{damaged}: crc32 differs" in output and f"resumed from {ckpts / 'step00000003'}" in output
+    resumed, expected = _losses(run_dir), _losses(reference[2])
+    for step in range(4, STEPS + 1):
+        assert resumed[step] == expected[step], f"step {step}: {resumed[step]!r} != {expected[step]!r}"
 
 
 def test_preemption_signal_saves_and_the_resume_continues_exactly(reference, tiny_data, handoff, tmp_path):

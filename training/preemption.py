@@ -1,7 +1,8 @@
 """Preemption: SIGTERM / SIGUSR1 (SLURM sends one ahead of the time limit with --signal) request a clean stop.
 
-The loop finishes the current step, saves, and exits with PREEMPTED_EXIT_CODE, which the launch scripts turn into
-`scontrol requeue`. Every rank must stop at the same step, so `stop_requested()` reduces the flag over all ranks.
+The loop finishes the current step, saves (waiting until that checkpoint is published), and exits with
+PREEMPTED_EXIT_CODE, which the launch scripts turn into `scontrol requeue`. Every rank must stop at the same step,
+so `stop_requested()` reduces the flag over all ranks.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Works as plain python (one process), under torchrun, and under the deepspeed launcher (which adds --local_rank).
 The stage kind (stage.kind) decides the objective and the trainable set (training/stages.py); the loop is
 training/trainer.py.
-Exit codes: 0 done, 75 preempted (saved; requeue and resume with --resume auto), 2 bad configuration: the
-config is loaded and checked (training/run_config.py `check_stage`: datasets, hand-offs, the text tokenizer, the
+Exit codes: 0 done, 75 preempted (saved; requeue and resume with --resume auto), 2 bad configuration or a
+checkpoint that cannot be resumed (incomplete, damaged, another model's): the config is loaded and checked (training/run_config.py `check_stage`: datasets, hand-offs, the text tokenizer, the
 DeepSpeed config, the batch over WORLD_SIZE, the same checks as `python -m training.plan`) before anything is built.
 """
 
@@ -24,8 +24,9 @@ EPILOG = """examples:
   torchrun --nproc_per_node 2 -m training.train --config STAGE.yaml --resume auto
   deepspeed --num_gpus 8 -m training.train --config STAGE.yaml
 
-exit codes: 0 finished, 75 preempted after saving (requeue with --resume auto), 2 configuration error,
-            3 too many consecutive non-finite steps."""
+exit codes: 0 finished, 75 preempted after saving (requeue with --resume auto), 2 configuration error or
+            a checkpoint that cannot be resumed (--resume PATH incomplete or damaged), 3 too many consecutive
+            non-finite steps."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         default=None,
-        help="auto: newest complete checkpoint of this stage (default: checkpoint.resume in the config); "
-        "PATH: a checkpoint directory; none: start fresh",
+        help="auto: newest complete checkpoint of this stage whose files pass their recorded size and crc32 "
+        "(damaged ones are skipped with a warning; default: checkpoint.resume in the config); PATH: a checkpoint "
+        "directory, which must pass the same check; none: start fresh",
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(

@@ -223,6 +223,8 @@ class Trainer:
         self.log.info(f"resumed from {point.path} at step {self.state.step} ({self.state.consumed_samples} samples)")
 
     def save(self) -> Path:
+        """Start the checkpoint of this step: blocks while the state is copied to host memory, the files are written
+        in the background and published at a later step boundary (`checkpoints.poll`) or by `checkpoints.wait`."""
         state = self.state
         path = self.checkpoints.save(
             self.engine,
@@ -231,7 +233,7 @@ class Trainer:
             state.rank_state(),
             rank0_extra=self.discriminator.save if self.discriminator is not None else None,
         )
-        self.log.info(f"saved checkpoint {path}")
+        self.log.info(f"saving checkpoint {path} in the background")
         return path
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class Trainer:
             window.add(terms, self.step_samples, self.step_tokens)
             self.run_log.advance()
             self.after_step(terms)
+            self.checkpoints.poll()
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == cfg.schedule.max_steps:
                 self.log_window(window, grad_norm)
@@ -340,6 +343,7 @@ class Trainer:
                 self.save()
         if exit_code == 0 and self.state.step >= cfg.schedule.max_steps:
             self.finish()
+        self.checkpoints.wait()
         self.run_log.close()
         if dist.is_initialized():
             dist.barrier()
@@ -379,7 +383,8 @@ class Trainer:
         return metrics
 
     def finish(self) -> None:
-        """The final checkpoint, the hand-off directory (RUN/final, the export layout) and the DONE marker."""
+        """The final checkpoint (written in the background while the hand-off is gathered), the hand-off directory
+        (RUN/final, the export layout) and, once the checkpoint is published, the DONE marker."""
         from training.engine import gather_full_state_dict
         from training.export import write_export
 
@@ -397,6 +402,8 @@ class Trainer:
             if self.discriminator is not None:
                 disc_state = {k: v.detach().cpu() for k, v in self.discriminator.discriminator.state_dict().items()}
             write_export(weights, self.cfg, self.run_dir / "final", provenance, discriminator_state=disc_state)
+        self.checkpoints.wait()
+        if self.rank == 0:
             (self.run_dir / "DONE").write_text(json.dumps(provenance))
 
 
