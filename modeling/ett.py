@@ -19,18 +19,24 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 from torch import nn
 
-from modeling.layers import NormalInitEmbedding, NormalInitLinear
+from modeling.layers import NormalInitEmbedding
 from modeling.llm import DecoderLM, LLMConfig
+from modeling.llm.model import LinearHead
 from modeling.projector import Projector, ProjectorConfig
 from modeling.tokenizer import TokenizerConfig, TokenizerOutput, VQTokenizer
 
 
 @dataclass
 class ETTConfig:
-    """What the model is: how images enter the LLM, and whether a visual head predicts image codes (t2i)."""
+    """What the model is: how images enter the LLM, and whether a visual head predicts image codes (t2i).
+
+    `fused_head_loss`: training forwards return hidden states instead of the LM head's logits, and the heads'
+    CE comes from the fused linear cross-entropy (modeling/kernels), never materialising the [tokens, V] logits.
+    """
 
     visual_input: Literal["embedding", "index"] = "embedding"
     visual_head: bool = False
+    fused_head_loss: bool = True
 
     # Objective and trainer options that lived here once -> where they went (the config loader says so).
     REMOVED_OPTIONS: ClassVar[dict[str, str]] = {
@@ -43,17 +49,25 @@ class ETTOutput(NamedTuple):
     """What one forward computed; fields a forward did not compute are None. A NamedTuple so that DeepSpeed ZeRO-3
     sees its tensors and hooks the backward pass.
 
-    logits [B, S, V]: the LM head over every position (text inputs).
+    logits [B, S, V]: the LM head over every position (text inputs), without fused_head_loss.
+    hidden_states [B, S, C], llm: with fused_head_loss, the LLM's final hidden states and the LLM, whose head mode
+        llm(head_hidden=hidden_states, labels=labels) gives the caption CE totals without logits.
     tokenizer: the tokenizer's output: a full forward for images alone (stage 0), or, with `reconstruct=True`,
         the straight-through codes the LLM read, decoded again (for L_vq).
-    visual_logits [M, K], visual_targets [M]: the visual head at the positions of `image_loss_mask` and the
-        frozen tokenizer's code ids there (t2i).
+    visual_logits [M, K], visual_targets [M]: the visual head at the positions of `image_loss_mask` (without
+        fused_head_loss) and the frozen tokenizer's code ids there (t2i).
+    visual_hidden [M, C], visual_head: with fused_head_loss, the LLM's hidden states at those positions and the
+        visual head, whose visual_head(visual_hidden, visual_targets) gives the CE totals without logits.
     """
 
     logits: torch.Tensor | None = None
     tokenizer: TokenizerOutput | None = None
     visual_logits: torch.Tensor | None = None
     visual_targets: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    llm: DecoderLM | None = None
+    visual_hidden: torch.Tensor | None = None
+    visual_head: LinearHead | None = None
 
 
 class ETTModel(nn.Module):
@@ -87,7 +101,7 @@ class ETTModel(nn.Module):
         else:
             self.index_embedding = NormalInitEmbedding(codes, hidden, llm_config.init_std)
         if ett_config.visual_head:
-            self.visual_head = NormalInitLinear(hidden, codes, False, llm_config.init_std)
+            self.visual_head = LinearHead(hidden, codes, llm_config.init_std)
 
     # ---- visual path -------------------------------------------------------------------------------------------
     def image_embeddings(self, images: torch.Tensor, keep_codes: bool = False):
@@ -139,30 +153,48 @@ class ETTModel(nn.Module):
         if input_ids is None:
             return ETTOutput(tokenizer=self.tokenizer(images))
         if not hasattr(self, "tokenizer"):
-            logits = self.llm(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids).logits
-            return ETTOutput(logits=logits)
+            out = self.llm(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                segment_ids=segment_ids,
+                with_logits=not self.config.fused_head_loss,
+            )
+            return self._text_outputs(out)
         has_images = images is not None and images.numel() > 0
         image_embeds, parts = self.image_embeddings(images, reconstruct) if has_images else (None, None)
         embeds = self.input_embeddings(input_ids, image_mask, image_embeds)
         if image_loss_mask is not None:
             return self._visual_head_outputs(embeds, position_ids, segment_ids, images, image_loss_mask)
-        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids)
+        out = self.llm(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            with_logits=not self.config.fused_head_loss,
+        )
         if parts is None:
-            return ETTOutput(logits=out.logits)
+            return self._text_outputs(out)
         quantized, indices, quant_losses, stats = parts
         decoded = TokenizerOutput(self.tokenizer.decode(quantized), indices, quantized, quant_losses, stats)
-        return ETTOutput(logits=out.logits, tokenizer=decoded)
+        return self._text_outputs(out, decoded)
+
+    def _text_outputs(self, out, tokenizer: TokenizerOutput | None = None) -> ETTOutput:
+        """The LLM's logits, or with fused_head_loss its hidden states and itself (for the head mode)."""
+        if self.config.fused_head_loss:
+            return ETTOutput(hidden_states=out.hidden_states, llm=self.llm, tokenizer=tokenizer)
+        return ETTOutput(logits=out.logits, tokenizer=tokenizer)
 
     def _visual_head_outputs(self, embeds, position_ids, segment_ids, images, image_loss_mask) -> ETTOutput:
         """The visual head at the positions that predict an image code, and the frozen tokenizer's codes there."""
         with torch.no_grad():
             targets = self.tokenizer.encode(images).flatten()
         hidden = self.llm(
-            inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids
+            inputs_embeds=embeds, position_ids=position_ids, segment_ids=segment_ids, with_logits=False
         ).hidden_states
         selected = hidden[image_loss_mask]
         if selected.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"image_loss_mask selects {selected.shape[0]} positions for {targets.shape[0]} image codes"
             )
+        if self.config.fused_head_loss:
+            return ETTOutput(visual_hidden=selected, visual_targets=targets, visual_head=self.visual_head)
         return ETTOutput(visual_logits=self.visual_head(selected), visual_targets=targets)

@@ -9,6 +9,9 @@ with L_GAN = softplus(-mean_patches D(x^)) averaged over images (non-saturating,
 R_LeCAM = mean relu(D(x) - ema_fake)^2 + mean relu(ema_real - D(x^))^2 and EMAs of the mean logits (decay 0.999).
 ETT (Eq. 3): L = L_cap + alpha * L_vq, L_vq through the decoder of the same straight-through codes the LLM read.
 Text-to-image: CE of the visual head over the K code ids at the positions that predict an image code.
+With model.ett.fused_head_loss (the default) the model returns hidden states and its heads instead of logits, and the
+objectives call the heads (the LLM's head mode, the visual head) for the fused linear CE: a module call, so that
+ZeRO-3 gathers the head weight for it, and the [tokens, V] logits never exist.
 
 Every objective returns a StepOutput with each term detached for logging. The loss modules (LPIPS, LeCAM's EMAs)
 are built outside the model, so they are never partitioned by ZeRO-3 and never part of a checkpoint's weights.
@@ -201,6 +204,15 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor):
     return loss, correct, count
 
 
+def caption_totals(out: ETTOutput, labels: torch.Tensor):
+    """(mean CE, correct argmax count, counted tokens) of the LM head: from the model's logits, or, with
+    model.ett.fused_head_loss, by the LLM's head mode (fused linear CE on its hidden states, no logits)."""
+    if out.logits is not None:
+        return caption_loss(out.logits, labels)
+    totals = out.llm(head_hidden=out.hidden_states, labels=labels)
+    return totals.loss_sum / totals.count.clamp(min=1), totals.correct, totals.count
+
+
 def _vq_terms(images, output: TokenizerOutput, losses: LossModules, step: int):
     """L_vq (Eq. 1) of a tokenizer output -> (scalar, logged terms)."""
     total, named = losses.vq_loss.generator_loss(images, output, losses.discriminator, step)
@@ -219,7 +231,7 @@ def tokenizer_objective(out: ETTOutput, batch: dict, losses: LossModules, step: 
 
 def caption_objective(out: ETTOutput, batch: dict, losses: LossModules, step: int) -> StepOutput:
     """L_cap (Eq. 2), plus vq_weight * L_vq (Eq. 3) when the forward decoded the codes the LLM read."""
-    loss, correct, count = caption_loss(out.logits, batch["labels"])
+    loss, correct, count = caption_totals(out, batch["labels"])
     if out.tokenizer is None:
         terms = {"loss/caption": loss.detach()}
         return StepOutput(loss=loss, terms=terms, token_correct=correct, token_count=count)
@@ -235,14 +247,15 @@ def caption_objective(out: ETTOutput, batch: dict, losses: LossModules, step: in
 
 
 def t2i_objective(out: ETTOutput, batch: dict, losses: LossModules, step: int) -> StepOutput:
-    """Next-code CE over K at the positions that predict an image code (Emu3-style, tokenizer frozen)."""
-    logits, targets = out.visual_logits.float(), out.visual_targets
-    loss = F.cross_entropy(logits, targets)
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == targets).sum()
-    return StepOutput(
-        loss=loss,
-        terms={"loss/t2i": loss.detach()},
-        token_correct=correct,
-        token_count=torch.tensor(targets.numel()),
-    )
+    """Next-code CE over K at the positions that predict an image code (Emu3-style, tokenizer frozen); the visual
+    head's fused CE totals with model.ett.fused_head_loss, else from its logits."""
+    if out.visual_head is not None:
+        loss_sum, correct, count = out.visual_head(out.visual_hidden, out.visual_targets)
+        loss = loss_sum / count.clamp(min=1)
+    else:
+        logits, targets = out.visual_logits.float(), out.visual_targets
+        loss = F.cross_entropy(logits, targets)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == targets).sum()
+        count = torch.tensor(targets.numel())
+    return StepOutput(loss=loss, terms={"loss/t2i": loss.detach()}, token_correct=correct, token_count=count)

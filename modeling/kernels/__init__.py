@@ -1,4 +1,5 @@
-"""Fused codebook lookup: argmax / log-sum-exp, IBQ straight-through and entropy loss, without N x K memory.
+"""Fused codebook lookup: argmax / log-sum-exp, IBQ straight-through and entropy loss, without N x K memory; and
+the fused linear cross-entropy of a large-vocabulary head (LM head, t2i visual head), without N x V memory.
 
 All operations take z [N, D] and codebook C [K, D] (fp32 or bf16; fp32 accumulation) and never materialise
 the N x K logits. They dispatch to Triton kernels (`triton_kernels.py`) for CUDA tensors and to the chunked
@@ -7,12 +8,17 @@ torch implementation (`reference.py`) otherwise. The backend can be forced per c
 CPU tensors runs only under the Triton interpreter (TRITON_INTERPRET=1), which is how CI tests the kernels.
 """
 
+import importlib.util
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
-from modeling.kernels import reference
+# `from .reference import` is the form transformers' dynamic-module loader follows to copy reference.py along with
+# this file into a Hugging Face export (training/hf_model); `from . import reference` binds the module itself.
+from . import reference
+from .reference import RowStats
 
 BACKEND_ENV_VAR = "ETT_KERNEL_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -20,17 +26,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_ops():
-    from modeling.kernels import triton_kernels
+    from . import triton_kernels
 
     return triton_kernels
 
 
 def _triton_importable() -> bool:
+    """triton is installed and triton_kernels.py sits next to this file (a Hugging Face export ships only the
+    torch reference)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    return importlib.util.find_spec(".triton_kernels", __package__) is not None
 
 
 def resolve_backend(z: torch.Tensor, backend: str | None = None):
@@ -180,4 +188,95 @@ def codebook_entropy_loss(
     return CodebookEntropyLoss.apply(z, codebook, bias, float(temperature), backend)
 
 
-__all__ = ["codebook_argmax", "ibq_straight_through", "codebook_entropy_loss", "resolve_backend"]
+class CrossEntropyTotals(NamedTuple):
+    """loss_sum: fp32 scalar, sum of the CE over the counted rows (differentiable); correct: int64 scalar, counted
+    rows whose argmax is the label; count: int64 scalar, rows whose label is not ignore_index."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: torch.Tensor
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_n (lse_n - l_{n, y_n}) with l = h W^T, every logit tile recomputed in backward (none is stored)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, backend, budget):
+        ops = reference if hidden.shape[0] == 0 else resolve_backend(hidden, backend)
+        options = {"budget": budget} if ops is reference else {}
+        stats = ops.linear_cross_entropy_stats(hidden.detach(), weight.detach(), labels, **options)
+        ctx.ops, ctx.options = ops, options
+        ctx.save_for_backward(hidden, weight, labels, stats.lse)
+        ctx.mark_non_differentiable(stats.argmax)
+        return (stats.lse - stats.target_logit).sum(), stats.argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_argmax):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.ops.linear_cross_entropy_backward(
+            hidden.detach(), weight.detach(), labels, lse, **ctx.options
+        )
+        return (
+            grad_hidden.mul_(grad_loss).to(hidden.dtype),
+            grad_weight.mul_(grad_loss).to(weight.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    budget: int | None = None,
+) -> CrossEntropyTotals:
+    """Softmax cross-entropy of the logits h W^T against labels, without the N x V logits (fused linear CE).
+
+    hidden [N, C], weight [V, C] (fp32 or bf16, fp32 accumulation), labels [N] int in [0, V) or ignore_index.
+    loss_sum = sum_{n: y_n != ignore} (log sum_v exp(h_n . w_v) - h_n . w_{y_n}), so the mean CE of
+    F.cross_entropy(h W^T, y) is loss_sum / count; dh = dl W and dW = dl^T h with dl = softmax(l) - onehot(y).
+    The argmax for `correct` comes from the same pass. Ignored rows are dropped before the kernels. `budget`: the
+    torch path's bytes for one tile's temporaries (reference.MEMORY_BUDGET_BYTES by default).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy needs hidden [N, C] and weight [V, C] with the same C, got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if labels.shape != hidden.shape[:1] or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be integer [N] = [{hidden.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be float32 or bfloat16, got {tensor.dtype}")
+    if hidden.device != weight.device or labels.device != hidden.device:
+        raise ValueError(
+            f"hidden ({hidden.device}), weight ({weight.device}) and labels ({labels.device}) must share a device"
+        )
+    counted = labels != ignore_index
+    rows = counted.nonzero().squeeze(1)
+    targets = labels[rows].long()
+    vocab = weight.shape[0]
+    out_of_range = (targets < 0) | (targets >= vocab)
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"label {targets[out_of_range][0].item()} is outside [0, {vocab}) and is not ignore_index ({ignore_index})"
+        )
+    loss_sum, argmax = LinearCrossEntropy.apply(hidden[rows], weight, targets, backend, budget)
+    return CrossEntropyTotals(loss_sum, (argmax == targets).sum(), counted.sum())
+
+
+__all__ = [
+    "RowStats",
+    "codebook_argmax",
+    "ibq_straight_through",
+    "codebook_entropy_loss",
+    "linear_cross_entropy",
+    "CrossEntropyTotals",
+    "resolve_backend",
+]

@@ -1,10 +1,13 @@
-"""Chunked torch implementation of the codebook kernels: the CPU path and the correctness oracle.
+"""Chunked torch implementation of the codebook kernels and of the linear cross-entropy: the CPU path and the
+correctness oracle.
 
 Every function here tiles the N x K logits l = (z C^T + b) * scale into (tile_n x tile_k) blocks whose size
 comes from a memory budget, and merges the blocks with online (flash-attention style) reductions, so no
 N x K tensor ever exists. Inputs may be fp32 or bf16; all arithmetic is fp32.
 
 Notation: z [N, D], C = codebook [K, D], bias b [K], p = softmax(l) over k, lse_n = log sum_k exp(l_nk).
+The linear cross-entropy tiles the N x V logits h W^T of a classifier head the same way (hidden h [N, C], weight
+W [V, C]), with a budget that also covers the fp32 copy of a bf16 weight tile.
 """
 
 import math
@@ -224,3 +227,97 @@ def entropy_backward(
                 grad_bias[k0:k1] += dlogits.sum(dim=0)
             del log_probs, dlogits
     return grad_z, grad_codebook, grad_bias
+
+
+@dataclass
+class LinearCEStats:
+    """Per-row results of the linear cross-entropy forward over logits l = h W^T (h [N, C], W [V, C]).
+
+    lse [N] fp32: log sum_v exp(l_nv).  target_logit [N] fp32: l_{n, y_n}.  argmax [N] int64: argmax_v l_nv.
+    """
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    argmax: torch.Tensor
+
+
+def linear_ce_tile_sizes(n: int, v: int, dim: int, upcast_weight: bool, budget: int | None = None):
+    """(tile_n, tile_v) for the linear cross-entropy: the logit tile's temporaries and, for a bf16 weight, its fp32
+    copy of the weight tile (tile_v x dim x 4 bytes, given half the budget) stay within `budget`."""
+    budget = MEMORY_BUDGET_BYTES if budget is None else budget
+    weight_budget = budget // 2 if upcast_weight else 0
+    max_v = max(1, weight_budget // (4 * dim)) if upcast_weight else v
+    return tile_sizes(n, min(v, max_v), budget - weight_budget)
+
+
+def linear_cross_entropy_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, budget: int | None = None
+) -> LinearCEStats:
+    """lse, target logit and argmax of every row of l = h W^T, by an online log-sum-exp over vocabulary tiles.
+
+    Vocabulary tiles are the outer loop (each weight tile is cast to fp32 once) and row tiles the inner one; every
+    row keeps a running max m and s = sum exp(l - m), and a new max m' rescales s by exp(m - m').
+    `labels` [N] must all lie in [0, V) (ignored rows are dropped by the caller).
+    """
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    tile_n, tile_v = linear_ce_tile_sizes(n, v, dim, weight.dtype != torch.float32, budget)
+    device = hidden.device
+    run_max = torch.full((n,), -math.inf, device=device)
+    run_sum = torch.zeros(n, device=device)
+    run_idx = torch.zeros(n, dtype=torch.long, device=device)
+    target = torch.zeros(n, device=device)
+    for v0 in range(0, v, tile_v):
+        v1 = min(v, v0 + tile_v)
+        weight_tile = weight[v0:v1].float()
+        for n0 in range(0, n, tile_n):
+            n1 = min(n, n0 + tile_n)
+            logits = hidden[n0:n1].float() @ weight_tile.T
+            row_labels = labels[n0:n1]
+            in_tile = (row_labels >= v0) & (row_labels < v1)
+            local = (row_labels - v0).clamp(0, v1 - v0 - 1)
+            target[n0:n1] += torch.where(in_tile, logits.gather(1, local[:, None]).squeeze(1), 0.0)
+            tile_max, tile_idx = logits.max(dim=1)
+            old_max = run_max[n0:n1]
+            new_max = torch.maximum(old_max, tile_max)
+            run_idx[n0:n1] = torch.where(tile_max > old_max, tile_idx + v0, run_idx[n0:n1])
+            logits -= new_max[:, None]
+            run_sum[n0:n1] = run_sum[n0:n1] * torch.exp(old_max - new_max) + logits.exp_().sum(dim=1)
+            run_max[n0:n1] = new_max
+            del logits  # free this tile before the next one is allocated
+        del weight_tile
+    return LinearCEStats(lse=run_max + torch.log(run_sum), target_logit=target, argmax=run_idx)
+
+
+def linear_cross_entropy_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    budget: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of L = sum_n (lse_n - l_{n, y_n}), l = h W^T, recomputing each logit tile.
+
+    dl = softmax(l) - onehot(y),  dh = dl W [N, C],  dW = dl^T h [V, C]; both fp32, accumulated tile by tile.
+    """
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    tile_n, tile_v = linear_ce_tile_sizes(n, v, dim, weight.dtype != torch.float32, budget)
+    grad_hidden = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(v, dim, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, v, tile_v):
+        v1 = min(v, v0 + tile_v)
+        weight_tile = weight[v0:v1].float()
+        for n0 in range(0, n, tile_n):
+            n1 = min(n, n0 + tile_n)
+            hidden_tile = hidden[n0:n1].float()
+            dlogits = (hidden_tile @ weight_tile.T).sub_(lse[n0:n1, None]).exp_()
+            row_labels = labels[n0:n1]
+            hit = ((row_labels >= v0) & (row_labels < v1)).nonzero().squeeze(1)
+            dlogits[hit, row_labels[hit] - v0] -= 1.0
+            grad_hidden[n0:n1].addmm_(dlogits, weight_tile)
+            grad_weight[v0:v1].addmm_(dlogits.T, hidden_tile)
+            del dlogits
+        del weight_tile
+    return grad_hidden, grad_weight

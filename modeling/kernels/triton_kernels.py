@@ -26,6 +26,12 @@ interpreter computes what the GPU computes up to summation order, including the 
 
 An optional per-code bias b [K] enters every kernel as l = (z C^T + b) * scale: IBQ uses none, VQ passes
 b = -||c||^2 / 2 (argmax and entropy loss), so one set of kernels serves both at the code dim D <= MAX_DIM.
+
+The linear cross-entropy of a classifier head (hidden h [N, C], weight W [V, C], C up to a few thousand) has its
+own kernels, which sum each logit tile over hidden-dim blocks of `block_d` instead of holding a whole row:
+`_linear_ce_stats_kernel` (grid: row blocks x vocabulary splits) for the online lse, argmax and target logit, and
+`_linear_ce_grad_kernel` for dh (grid: row blocks) and dW (grid: vocabulary blocks), each recomputing the logits
+and adding dl = softmax(l) - onehot(y) times W or h into its own rows of the fp32 output, without atomics.
 """
 
 import math
@@ -36,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from modeling.kernels.reference import RowStats
+from modeling.kernels.reference import LinearCEStats, RowStats
 
 MAX_DIM = 256
 """Largest code dimension D: a whole row of z, C and the fp32 soft-output accumulator live in registers."""
@@ -48,7 +54,8 @@ MODE_PROB_SUM = 2
 
 @dataclass
 class TritonConfig:
-    """Tile sizes and launch parameters. `num_splits=None` picks enough code splits to fill the GPU."""
+    """Tile sizes and launch parameters. `num_splits=None` picks enough code splits to fill the GPU. The linear
+    cross-entropy reads block_k as its vocabulary tile and num_splits as its vocabulary splits."""
 
     block_n: int = 64
     block_k: int = 64
@@ -56,6 +63,8 @@ class TritonConfig:
     num_stages: int = 2
     num_splits: int | None = None
     target_programs: int = 264
+    block_d: int = 64
+    """Hidden-dim tile of the linear cross-entropy kernels (the codebook kernels hold all of D at once)."""
 
 
 CONFIG = TritonConfig()
@@ -555,3 +564,213 @@ def entropy_backward(
         MODE=MODE_ENTROPY, **common,
     )  # fmt: skip
     return grad_z, grad_codebook, grad_bias
+
+
+@triton.jit
+def _linear_ce_logits(
+    h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, C, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """l = h W^T for one (row block, vocab block) tile, fp32, summed over hidden-dim blocks of BLOCK_C."""
+    logits = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        h = tl.load(
+            h_ptr + offs_n[:, None] * stride_hn + offs_c[None, :],
+            mask=mask_n[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_v[:, None] * stride_wv + offs_c[None, :],
+            mask=mask_v[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        logits += tl.dot(
+            _dot_operand(h, DOT_DTYPE, ROUND_BF16),
+            tl.trans(_dot_operand(w, DOT_DTYPE, ROUND_BF16)),
+            input_precision=PRECISION,
+            out_dtype=tl.float32,
+        )
+    return logits
+
+
+@triton.jit
+def _linear_ce_stats_kernel(
+    h_ptr, w_ptr, labels_ptr, max_ptr, idx_ptr, sum_ptr, target_ptr,
+    N, V, C, stride_hn, stride_wv, vocab_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """Per (row block, vocabulary split): running max m, argmax, s = sum e^(l - m) and the target logit l_{n, y_n}."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_idx = tl.zeros((BLOCK_N,), tl.int32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    target = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = split * vocab_per_split
+    v_end = tl.minimum(V, v_begin + vocab_per_split)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        logits = _linear_ce_logits(
+            h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, C, stride_hn, stride_wv,
+            BLOCK_N, BLOCK_V, BLOCK_C, DOT_DTYPE, PRECISION, ROUND_BF16,
+        )  # fmt: skip
+        target += tl.sum(tl.where(offs_v[None, :] == labels[:, None], logits, 0.0), axis=1)
+        logits = tl.where(mask_v[None, :], logits, float("-inf"))
+        tile_max = tl.max(logits, axis=1)
+        tile_idx = tl.argmax(logits, axis=1) + v0
+        run_idx = tl.where(tile_max > run_max, tile_idx, run_idx)
+        new_max = tl.maximum(run_max, tile_max)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        run_max = new_max
+    row = split * N + offs_n
+    tl.store(max_ptr + row, run_max, mask=mask_n)
+    tl.store(idx_ptr + row, run_idx, mask=mask_n)
+    tl.store(sum_ptr + row, run_sum, mask=mask_n)
+    tl.store(target_ptr + row, target, mask=mask_n)
+
+
+@triton.jit
+def _linear_ce_grad_kernel(
+    h_ptr, w_ptr, labels_ptr, lse_ptr, grad_ptr,
+    N, V, C, stride_hn, stride_wv,
+    GRAD_WEIGHT: tl.constexpr, BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """dl = softmax(l) - onehot(y) recomputed tile by tile; dh = dl W for one row block sweeping the vocabulary, or
+    (GRAD_WEIGHT) dW = dl^T h for one vocabulary block sweeping the rows. The program owns its rows of the fp32
+    output (zero-initialised), so it adds each hidden-dim block of the product into memory without atomics."""
+    pid = tl.program_id(0)
+    if GRAD_WEIGHT:
+        outer = V
+        inner = N
+    else:
+        outer = N
+        inner = V
+    offs_outer = pid * BLOCK_OUTER + tl.arange(0, BLOCK_OUTER)
+    mask_outer = offs_outer < outer
+    for i0 in range(0, inner, BLOCK_INNER):
+        offs_inner = i0 + tl.arange(0, BLOCK_INNER)
+        mask_inner = offs_inner < inner
+        if GRAD_WEIGHT:
+            offs_n, mask_n, offs_v, mask_v = offs_inner, mask_inner, offs_outer, mask_outer
+        else:
+            offs_n, mask_n, offs_v, mask_v = offs_outer, mask_outer, offs_inner, mask_inner
+        logits = _linear_ce_logits(
+            h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, C, stride_hn, stride_wv,
+            BLOCK_N, BLOCK_V, BLOCK_C, DOT_DTYPE, PRECISION, ROUND_BF16,
+        )  # fmt: skip
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+        probs = tl.exp(logits - lse[:, None])
+        onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
+        dlogits = tl.where(mask_n[:, None] & mask_v[None, :], probs - onehot, 0.0)
+        dlogits = _dot_operand(dlogits, DOT_DTYPE, ROUND_BF16)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            if GRAD_WEIGHT:
+                h = tl.load(
+                    h_ptr + offs_n[:, None] * stride_hn + offs_c[None, :],
+                    mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0,
+                )
+                part = tl.dot(
+                    tl.trans(dlogits), _dot_operand(h, DOT_DTYPE, ROUND_BF16),
+                    input_precision=PRECISION, out_dtype=tl.float32,
+                )  # fmt: skip
+            else:
+                w = tl.load(
+                    w_ptr + offs_v[:, None] * stride_wv + offs_c[None, :],
+                    mask=mask_v[:, None] & mask_c[None, :],
+                    other=0.0,
+                )
+                part = tl.dot(
+                    dlogits,
+                    _dot_operand(w, DOT_DTYPE, ROUND_BF16),
+                    input_precision=PRECISION,
+                    out_dtype=tl.float32,
+                )
+            out_ptrs = grad_ptr + offs_outer[:, None] * C + offs_c[None, :]
+            out_mask = mask_outer[:, None] & mask_c[None, :]
+            tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + part, mask=out_mask)
+
+
+def _linear_ce_launch(hidden: torch.Tensor, weight: torch.Tensor, cfg: TritonConfig) -> dict:
+    return dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_k,
+        BLOCK_C=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **_dot_settings(hidden, weight),
+    )
+
+
+def linear_cross_entropy_stats(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, config: TritonConfig | None = None
+) -> LinearCEStats:
+    """Triton twin of `reference.linear_cross_entropy_stats`: split the vocabulary, run `_linear_ce_stats_kernel`,
+    merge the splits (lse by their maxima, argmax of the best split, target logit from the split that holds it)."""
+    cfg = CONFIG if config is None else config
+    hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    v_blocks = triton.cdiv(v, cfg.block_k)
+    splits = _num_splits(n_blocks, v_blocks, cfg)
+    vocab_per_split = triton.cdiv(v_blocks, splits) * cfg.block_k
+    splits = triton.cdiv(v, vocab_per_split)
+    part_max, part_sum, part_target = (
+        torch.empty(splits, n, dtype=torch.float32, device=hidden.device) for _ in range(3)
+    )
+    part_idx = torch.empty(splits, n, dtype=torch.int32, device=hidden.device)
+    _linear_ce_stats_kernel[(n_blocks, splits)](
+        hidden, weight, labels, part_max, part_idx, part_sum, part_target,
+        n, v, dim, hidden.stride(0), weight.stride(0), vocab_per_split,
+        **_linear_ce_launch(hidden, weight, cfg),
+    )  # fmt: skip
+    best_max, best_split = part_max.max(dim=0)
+    lse = best_max + torch.log((torch.exp(part_max - best_max) * part_sum).sum(dim=0))
+    argmax = part_idx.gather(0, best_split[None]).squeeze(0).long()
+    return LinearCEStats(lse=lse, target_logit=part_target.sum(dim=0), argmax=argmax)
+
+
+def linear_cross_entropy_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    config: TritonConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.linear_cross_entropy_backward`: fp32 (dh, dW) of sum_n (lse_n - l_{n, y_n})."""
+    cfg = CONFIG if config is None else config
+    hidden, weight, labels, lse = (
+        hidden.contiguous(),
+        weight.contiguous(),
+        labels.contiguous(),
+        lse.contiguous(),
+    )
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    launch = _linear_ce_launch(hidden, weight, cfg)
+    grad_hidden = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(v, dim, dtype=torch.float32, device=hidden.device)
+    for grad, outer, block_outer, block_inner, grad_weight_pass in (
+        (grad_hidden, n, cfg.block_n, cfg.block_k, False),
+        (grad_weight, v, cfg.block_k, cfg.block_n, True),
+    ):
+        _linear_ce_grad_kernel[(triton.cdiv(outer, block_outer),)](
+            hidden, weight, labels, lse, grad, n, v, dim, hidden.stride(0), weight.stride(0),
+            GRAD_WEIGHT=grad_weight_pass, BLOCK_OUTER=block_outer, BLOCK_INNER=block_inner, **launch,
+        )  # fmt: skip
+    return grad_hidden, grad_weight

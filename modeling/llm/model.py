@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from modeling.kernels import CrossEntropyTotals, linear_cross_entropy
 from modeling.layers import NormalInitEmbedding, NormalInitLinear
 from modeling.llm.attention import (
     AttentionMask,
@@ -42,11 +43,26 @@ WEIGHTS_FILE = "model.safetensors"
 RUNTIME_OPTIONS = {"activation_checkpointing", "attention_backend"}
 
 
+class LinearHead(NormalInitLinear):
+    """A bias-free classifier head, weight [V, C]: forward(hidden [..., C]) -> logits [..., V]; with labels [...]
+    (-100 = no loss) -> CrossEntropyTotals of softmax CE by the fused linear CE, never materialising the logits.
+    The loss runs in this module's own forward, so that ZeRO-3 gathers the weight for it as for the logits."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float) -> None:
+        super().__init__(in_features, out_features, False, init_std)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, labels.reshape(-1))
+
+
 class LMOutput(NamedTuple):
-    """logits [B, S, V]; hidden_states [B, S, C] after the final norm; kv_cache when one was passed in.
+    """logits [B, S, V] (None from a with_logits=False forward); hidden_states [B, S, C] after the final norm;
+    kv_cache when one was passed in.
     A NamedTuple so that DeepSpeed ZeRO-3 sees its tensors and hooks the backward pass."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
     kv_cache: KVCache | None = None
 
@@ -111,7 +127,7 @@ class DecoderLM(nn.Module):
         self.output_layer = (
             None
             if config.tie_embeddings
-            else NormalInitLinear(config.hidden_size, config.vocab_size, False, config.init_std)
+            else LinearHead(config.hidden_size, config.vocab_size, config.init_std)
         )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,10 +141,22 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> LMOutput:
+        *,
+        with_logits: bool = True,
+        head_hidden: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LMOutput | CrossEntropyTotals:
         """Exactly one of input_ids [B, S] / inputs_embeds [B, S, C]. position_ids [B, S] default to 0..S-1
         (restarting per sample when segment_ids are given, continuing after the cache when one is passed).
-        segment_ids [B, S]: packed samples attend only within their own contiguous run (0 = padding)."""
+        segment_ids [B, S]: packed samples attend only within their own contiguous run (0 = padding).
+        with_logits=False skips the LM head (logits None), for a loss computed by the head mode.
+
+        Head mode, `head_hidden` [B, S, C] (hidden_states of a with_logits=False forward) and `labels` [B, S]
+        (-100 = no loss): the LM head's CrossEntropyTotals by the fused linear CE, no logits. It runs as this
+        module's forward so that ZeRO-3 gathers the head weight (tied: the embedding, which training registers as
+        an external parameter of the LLM)."""
+        if labels is not None:
+            return self._head_loss(head_hidden, labels)
         hidden = self._input_hidden(input_ids, inputs_embeds)
         batch, seq_len = hidden.shape[:2]
         past_len = 0 if kv_cache is None else kv_cache.length
@@ -156,7 +184,8 @@ class DecoderLM(nn.Module):
             else:
                 hidden = layer(hidden, cos, sin, attention_mask, kv_cache)
         hidden = self.decoder.final_layernorm(hidden)
-        return LMOutput(logits=self._logits(hidden), hidden_states=hidden, kv_cache=kv_cache)
+        logits = self._logits(hidden) if with_logits else None
+        return LMOutput(logits=logits, hidden_states=hidden, kv_cache=kv_cache)
 
     def _input_hidden(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
@@ -177,6 +206,17 @@ class DecoderLM(nn.Module):
         if self.output_layer is None:
             return F.linear(hidden, self.embedding.word_embeddings.weight)
         return self.output_layer(hidden)
+
+    def _head_loss(self, hidden: torch.Tensor | None, labels: torch.Tensor) -> CrossEntropyTotals:
+        if hidden is None or hidden.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"the LM head mode needs head_hidden [B, S, C] matching labels {tuple(labels.shape)}, got "
+                f"{None if hidden is None else tuple(hidden.shape)}"
+            )
+        if self.output_layer is not None:
+            return self.output_layer(hidden, labels)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return linear_cross_entropy(flat, self.embedding.word_embeddings.weight, labels.reshape(-1))
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
