@@ -201,7 +201,12 @@ def phase_save(work: Path, size: str, repeats: int = 1) -> dict:
     trainer = Trainer(cfg)
     trainer.setup("none")
     build_s = time.perf_counter() - start
-    engine, scheduler, disc_state, rank = trainer.engine, trainer.scheduler, trainer.discriminator, trainer.rank
+    engine, scheduler, disc_state, rank = (
+        trainer.engine,
+        trainer.scheduler,
+        trainer.discriminator,
+        trainer.rank,
+    )
     disc = disc_state.discriminator if disc_state is not None else None
     counts = parameter_counts(engine.module)
     progress(f"save: one training step ({counts['total'] / 1e6:.1f}M parameters)")
@@ -269,7 +274,12 @@ def phase_load(work: Path, size: str) -> dict:
     trainer = Trainer(cfg)
     trainer.build(build_ds_config(cfg, trainer.world_size), fresh=True, seed=cfg.train.seed + 1)
     build_s = time.perf_counter() - start
-    engine, scheduler, disc_state, rank = trainer.engine, trainer.scheduler, trainer.discriminator, trainer.rank
+    engine, scheduler, disc_state, rank = (
+        trainer.engine,
+        trainer.scheduler,
+        trainer.discriminator,
+        trainer.rank,
+    )
     before = weight_digests(engine, rank)
     differing_before = sum(before[k] != saved["weights"].get(k) for k in before)
 

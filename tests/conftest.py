@@ -182,3 +182,32 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic(out, seed=0, num_train=240, num_eval=40)
     return out
+
+
+ETT_RUN_STEPS = 1
+
+
+@pytest.fixture(scope="session")
+def ett_zero3_run(tiny_data, tmp_path_factory):
+    """ROOT of a 2-rank ZeRO-3 ETT stage of ETT_RUN_STEPS steps (tied Llama-type LLM, trained tokenizer, visual
+    head) started from a random hand-off at ROOT/init: ROOT/run holds its checkpoints, final/ hand-off and DONE.
+    Shared by the export tests; they only read it."""
+    from tests.tiny_configs import stage_config, write_stage_config
+    from training.export import run_config_from_dict, write_export
+    from training.stages import build_model
+
+    root = tmp_path_factory.mktemp("ett_zero3_run")
+    sections = {
+        "stage": {"init_from": str(root / "init")},
+        "model": {"llm": {"qkv_bias": False, "tie_embeddings": True}, "ett": {"visual_head": True}},
+        "schedule": {"max_steps": ETT_RUN_STEPS},
+        "train": {"global_batch_size": 4, "micro_batch_size": 2},
+    }
+    init_cfg = run_config_from_dict(stage_config("ett", tiny_data, root / "run", **sections))
+    torch.manual_seed(0)
+    model = build_model(init_cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("vq_loss.")}
+    write_export(state, init_cfg, root / "init", {"stage": "init", "step": 0})
+    config = write_stage_config(root / "ett.yaml", "ett", tiny_data, root / "run", **sections)
+    run_ranks(2, ["--config", str(config), "--resume", "none"], root)
+    return root

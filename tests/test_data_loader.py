@@ -99,7 +99,9 @@ def test_resume_continues_exactly(data, world_size, num_workers, resume_workers)
             pieces[rank] += part[rank]
         done = stop
         state = save_state(loaders)
-        assert any(s["pending"] for r in state["ranks"] for s in r["streams"]), "the cut should leave samples in the packer"
+        assert any(s["pending"] for r in state["ranks"] for s in r["streams"]), (
+            "the cut should leave samples in the packer"
+        )
         loaders = make_loaders(data, world_size, resume_workers)
         for loader in loaders:
             loader.load_state_dict(state)

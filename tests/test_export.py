@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_ranks
-from tests.tiny_configs import stage_config, write_stage_config
-from training.export import ExportError, export_checkpoint, load_handoff_state_dict, main, write_export
+from tests.conftest import ETT_RUN_STEPS
+from tests.tiny_configs import stage_config
+from training.export import ExportError, export_checkpoint, load_handoff_state_dict, main
 
-STEPS = 2
+STEPS = ETT_RUN_STEPS
 TAG = f"step{STEPS:08d}"
 
 
@@ -25,26 +25,10 @@ def _part(state: dict, prefix: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data, tmp_path_factory):
-    """A 2-rank ZeRO-3 ETT stage (tied Llama-type LLM, trained tokenizer, visual head) started from a random
-    hand-off, its checkpoint exported with small shards, and zero_to_fp32's consolidation of that checkpoint."""
-    from training.export import run_config_from_dict
-    from training.stages import build_model
-
-    root = tmp_path_factory.mktemp("export")
-    sections = {
-        "stage": {"init_from": str(root / "init")},
-        "model": {"llm": {"qkv_bias": False, "tie_embeddings": True}, "ett": {"visual_head": True}},
-        "schedule": {"max_steps": STEPS},
-        "train": {"global_batch_size": 4, "micro_batch_size": 2},
-    }
-    init_cfg = run_config_from_dict(stage_config("ett", tiny_data, root / "run", **sections))
-    torch.manual_seed(0)
-    model = build_model(init_cfg)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("vq_loss.")}
-    write_export(state, init_cfg, root / "init", {"stage": "init", "step": 0})
-    config = write_stage_config(root / "ett.yaml", "ett", tiny_data, root / "run", **sections)
-    run_ranks(2, ["--config", str(config), "--resume", "none"], root)
+def run(tiny_data, ett_zero3_run):
+    """The shared 2-rank ZeRO-3 ETT run (tests/conftest.py), its checkpoint exported with small shards, and
+    zero_to_fp32's consolidation of that checkpoint."""
+    root = ett_zero3_run
     export = export_checkpoint(root / "run" / "checkpoints", root / "export", max_shard_size="40KB")
     # Imported here, not at the top, so that the suite collects without deepspeed (pytest -m gpu, bare machine).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

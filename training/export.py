@@ -12,6 +12,10 @@ EXPORT/
   vision_tokenizer/    VQTokenizer.save_pretrained layout (model.safetensors + tokenizer_config.json)
   projector/ visual_head/ index_embedding/ discriminator/
                        model.safetensors + config.json, where the model has them
+  config.json, *.safetensors, *.py, processor files
+                       the whole model for transformers (AutoModelForImageTextToText + AutoProcessor with
+                       trust_remote_code=True), when the export has the LLM, the vision tokenizer and a text
+                       tokenizer: training/hf_model/__init__.py lists the files, docs/hf_export.md the calls
 
 Memory: DeepSpeed's lazy consolidation (`get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`) maps the fp32
 partitions of every rank's optimizer file (torch.load mmap, Adam moments dropped) and gathers one tensor at a time.
@@ -132,12 +136,13 @@ def write_export(
     from modeling.tokenizer import VQTokenizer
     from training.config import to_dict
     from training.hf_convert import write_hf_llm
+    from training.hf_model import write_hf_model
 
     out_dir = Path(out_dir)
     tmp = _prepare_out_dir(out_dir)
     try:
         parts = _split(state)
-        components = []
+        components, tokenizer = [], None
         if "llm" in parts:
             tokenizer = _load_text_tokenizer(text_tokenizer or cfg.data.text_tokenizer)
             write_hf_llm(parts.pop("llm"), cfg.model.llm, tmp / "llm", dtype, max_shard_size, tokenizer)
@@ -167,11 +172,13 @@ def write_export(
         if discriminator_state:
             _save_simple(tmp / "discriminator", "discriminator", discriminator_state, {}, None)
             components.append("discriminator")
+        hf_model = write_hf_model(tmp, cfg, components, tokenizer, dtype)
         manifest = {
             "format": "ett-export",
             "version": 1,
             "components": components,
             "dtype": str(dtype or torch.float32).removeprefix("torch."),
+            "hf_model": hf_model,
             **provenance,
             "config": to_dict(cfg),
         }

@@ -155,7 +155,9 @@ class Trainer:
         preemption.install_handlers()
         point = self.resume_point(resume)
         world_changed = point is not None and point.trainer_state["world_size"] != self.world_size
-        self.build(build_ds_config(self.cfg, self.world_size, load_universal=world_changed), fresh=point is None)
+        self.build(
+            build_ds_config(self.cfg, self.world_size, load_universal=world_changed), fresh=point is None
+        )
         if point is not None:
             self.load(point, world_changed)
         self.checkpoints = ckpt.CheckpointManager(
@@ -220,7 +222,9 @@ class Trainer:
             )
         self.engine.load_checkpoint(str(point.root), tag=tag, load_module_strict=True)
         self.state.load(point, self.rank, same_world=not world_changed)
-        self.log.info(f"resumed from {point.path} at step {self.state.step} ({self.state.consumed_samples} samples)")
+        self.log.info(
+            f"resumed from {point.path} at step {self.state.step} ({self.state.consumed_samples} samples)"
+        )
 
     def save(self) -> Path:
         """Start the checkpoint of this step: blocks while the state is copied to host memory, the files are written
@@ -339,7 +343,11 @@ class Trainer:
                 preemption.ignore_further_signals()
                 exit_code = preemption.PREEMPTED_EXIT_CODE
                 break
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.schedule.max_steps:
+            if (
+                cfg.checkpoint.save_every
+                and step % cfg.checkpoint.save_every == 0
+                and step < cfg.schedule.max_steps
+            ):
                 self.save()
         if exit_code == 0 and self.state.step >= cfg.schedule.max_steps:
             self.finish()
@@ -400,8 +408,12 @@ class Trainer:
         if self.rank == 0:
             disc_state = None
             if self.discriminator is not None:
-                disc_state = {k: v.detach().cpu() for k, v in self.discriminator.discriminator.state_dict().items()}
-            write_export(weights, self.cfg, self.run_dir / "final", provenance, discriminator_state=disc_state)
+                disc_state = {
+                    k: v.detach().cpu() for k, v in self.discriminator.discriminator.state_dict().items()
+                }
+            write_export(
+                weights, self.cfg, self.run_dir / "final", provenance, discriminator_state=disc_state
+            )
         self.checkpoints.wait()
         if self.rank == 0:
             (self.run_dir / "DONE").write_text(json.dumps(provenance))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.tokenizer.config import TokenizerConfig
+from .config import TokenizerConfig
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

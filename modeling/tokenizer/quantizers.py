@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.kernels import codebook_argmax, codebook_entropy_loss, ibq_straight_through
-from modeling.tokenizer.config import TokenizerConfig
+from .config import TokenizerConfig
+
+try:
+    from modeling.kernels import codebook_argmax, codebook_entropy_loss, ibq_straight_through
+except ModuleNotFoundError:  # copied into a Hugging Face export (training/hf_model), next to kernels.py
+    from .kernels import codebook_argmax, codebook_entropy_loss, ibq_straight_through
 
 
 class QuantizerOutput(NamedTuple):

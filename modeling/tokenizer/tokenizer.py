@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modeling.tokenizer.config import TokenizerConfig
-from modeling.tokenizer.encoder_decoder import Decoder, Encoder
-from modeling.tokenizer.quantizers import build_quantizer
+from .config import TokenizerConfig
+from .encoder_decoder import Decoder, Encoder
+from .quantizers import build_quantizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "tokenizer_config.json"
