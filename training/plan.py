@@ -26,8 +26,9 @@ the compute dtype: 2 in bf16, 4 in fp32; train.precision=auto is bf16 on --targe
     fp32 moments 8 x trainable / W; the largest module gathered whole while it runs, p x its parameters; the
     gradient reduce bucket, p x deepspeed.reduce_bucket_size elements (allocated whole by DeepSpeed);
 * activations at train.micro_batch_size (what autograd keeps for backward; see `llm_activation_bytes` and
-  `tokenizer_activation_bytes` for the per-token and per-image counts and where they come from), the N x V
-  logits of the LM head (or the M x K logits of the visual head in t2i), and a note that the K-way codebook
+  `tokenizer_activation_bytes` for the per-token and per-image counts and where they come from), the head's
+  loss (with model.ett.fused_head_loss, the default: the tile budget of the fused linear cross-entropy; without:
+  the N x V logits of the LM head or the M x K logits of the visual head in t2i), and a note that the K-way codebook
   logits are never materialised (modeling/kernels computes them in chunks);
 * tokens per sample (mean over the first rows of every data.train dataset, laid out by data_pipeline/layouts.py:
   each image is an h*(w+1)+2-token span), samples per packed row and per step, and steps per epoch from the
@@ -326,15 +327,26 @@ def plan_stage(
     if spec.with_llm:
         activations["llm"] = llm_activation_bytes(cfg.model.llm, tokens, p)
         if cfg.model.ett.visual_head and spec.kind == "t2i":
-            codes = images_per_micro_batch(cfg, data) * data["codes_per_image"]
-            activations["visual_head_logits"] = {
-                "shape": [codes, cfg.model.tokenizer.codebook_size],
-                "bytes": logits_bytes(codes, cfg.model.tokenizer.codebook_size, p),
+            head = "visual_head"
+            rows, classes = (
+                images_per_micro_batch(cfg, data) * data["codes_per_image"],
+                cfg.model.tokenizer.codebook_size,
+            )
+        else:
+            head, rows, classes = "lm_head", tokens, cfg.model.llm.vocab_size
+        if cfg.model.ett.fused_head_loss:
+            from modeling.kernels.reference import MEMORY_BUDGET_BYTES
+
+            activations[f"{head}_loss"] = {
+                "shape": [rows, classes],
+                "bytes": MEMORY_BUDGET_BYTES,
+                "note": "fused linear cross-entropy: the logits are computed in tiles within this budget "
+                "(modeling/kernels), never materialised",
             }
         else:
-            activations["lm_head_logits"] = {
-                "shape": [tokens, cfg.model.llm.vocab_size],
-                "bytes": logits_bytes(tokens, cfg.model.llm.vocab_size, p),
+            activations[f"{head}_logits"] = {
+                "shape": [rows, classes],
+                "bytes": logits_bytes(rows, classes, p),
             }
     if spec.with_tokenizer and trains_tokenizer:
         height, width = cfg.data.image_size
