@@ -116,6 +116,32 @@ class _Batch:
     error: DataSkipRateError | None = None
 
 
+WIRE_ROWS = ("input_ids", "labels", "position_ids", "segment_ids", "image_loss_mask")
+
+
+def to_wire(batch: dict) -> dict:
+    """A collated batch (packing.collate_rows) with its [B, S] tensors stacked into one int64 tensor [5, B, S]:
+    a DataLoader worker hands each tensor storage over with its own round trip (torch's file-descriptor sharing),
+    so two storages (these and the images) reach the training process faster than seven."""
+    wire = {k: v for k, v in batch.items() if k not in WIRE_ROWS and k != "image_mask"}
+    wire["rows"] = torch.stack([batch[k].long() for k in WIRE_ROWS])
+    return wire
+
+
+def from_wire(wire: dict, placeholder_id: int) -> dict:
+    """The collated batch back from `to_wire`, keys in collate_rows's order, values bitwise the same."""
+    rows = dict(zip(WIRE_ROWS, wire["rows"].unbind(0)))
+    rows["image_loss_mask"] = rows["image_loss_mask"].bool()
+    rest = {k: v for k, v in wire.items() if k != "rows"}
+    return {
+        **{k: rows[k] for k in WIRE_ROWS[:4]},
+        "images": rest.pop("images"),
+        "image_mask": rows["input_ids"] == placeholder_id,
+        "image_loss_mask": rows["image_loss_mask"],
+        **rest,
+    }
+
+
 def skip_rate_error(
     received: int, skips: Counter, last: _Skip, cfg: LoaderConfig
 ) -> DataSkipRateError | None:
@@ -209,7 +235,9 @@ class _BatchStreams(IterableDataset):
                         return
                     continue
                 if rows is not None:
-                    batch = collate_rows(rows, cfg.seq_len, self.pad_id, self.placeholder_id, cfg.image_size)
+                    batch = to_wire(
+                        collate_rows(rows, cfg.seq_len, self.pad_id, self.placeholder_id, cfg.image_size)
+                    )
                     after = StreamState(epoch, index, [list(k) for k in packer.pending_keys()])
                     keys = [key for row in rows for key, _ in row]
                     yield _Batch(stream, batch, keys, after, received, skips, packer.counts - counted)
@@ -320,9 +348,10 @@ class StreamingLoader:
         if out.error is not None:
             raise out.error
         self.last_batch_keys = out.keys
+        batch = from_wire(out.batch, self.tokenizer.image_placeholder_id)
         if self.cfg.pin_memory:
-            return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.batch.items()}
-        return out.batch
+            return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def _count_skip(self, skip: _Skip) -> None:
         if self.skips[skip.reason] == 0:
