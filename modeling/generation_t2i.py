@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from modeling.llm import KVCache
-from modeling.llm.generation import _sample
+from modeling.sampling import sample
 
 
 @dataclass
@@ -109,7 +109,7 @@ def sample_image_codes(
             if guided:
                 uncond = contexts[1].code_logits()
                 logits = uncond + sampling.guidance_scale * (logits - uncond)
-            code = _sample(logits / sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            code = sample(logits / sampling.temperature, sampling.top_k, sampling.top_p, generator)
             codes[row, col] = code[0]
             if (row, col) != (height - 1, width - 1):
                 for context in contexts:

@@ -112,8 +112,8 @@ def test_cached_guided_sampling_matches_naive_reference(exported, scale, monkeyp
     loaded = exported["loaded"]
     cond, uncond = t2i_prompts(loaded, "blue letters")
     row_end = loaded.text_tokenizer.row_end_id
-    seen, sample = [], t2i._sample
-    monkeypatch.setattr(t2i, "_sample", lambda logits, *args: seen.append(logits) or sample(logits, *args))
+    seen, sample = [], t2i.sample
+    monkeypatch.setattr(t2i, "sample", lambda logits, *args: seen.append(logits) or sample(logits, *args))
     sampling = T2ISamplingConfig(guidance_scale=scale, temperature=2.0)
     codes = sample_image_codes(
         loaded.model, cond, loaded.grid, row_end, sampling, uncond, torch.Generator().manual_seed(4)

@@ -8,6 +8,7 @@ import torch
 
 from modeling.llm.attention import KVCache
 from modeling.llm.model import DecoderLM
+from modeling.sampling import sample
 
 LogitsProcessor = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -50,7 +51,7 @@ def generate(
         if logits_processor is not None:
             logits = logits_processor(step, logits)
         if do_sample:
-            token = _sample(logits / temperature, top_k, top_p, generator)
+            token = sample(logits / temperature, top_k, top_p, generator)
         else:
             token = logits.argmax(dim=-1)
         if eos_token_id is not None:
@@ -61,20 +62,3 @@ def generate(
             break
         logits = model(input_ids=token[:, None], kv_cache=cache).logits[:, -1].float()
     return torch.stack(new_tokens, dim=1)
-
-
-def _sample(
-    logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits [B, V] -> sampled token ids [B] after top-k and nucleus (top-p) filtering."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -11,7 +11,7 @@
   configuration_ett.py modeling_ett.py processing_ett.py    this package's files
   tokenizer.py config.py encoder_decoder.py quantizers.py   modeling/tokenizer/ (inference needs these four)
   kernels.py reference.py        modeling/kernels/__init__.py and reference.py (the torch path of the codebook ops)
-  projector.py                   modeling/projector.py
+  projector.py sampling.py       modeling/projector.py, modeling/sampling.py
   tokenizer.json tokenizer_config.json chat_template.jinja processor_config.json preprocessor_config.json
   generation_config.json
 
@@ -44,6 +44,7 @@ REMOTE_CODE = {
     "kernels.py": REPO_DIR / "modeling" / "kernels" / "__init__.py",
     "reference.py": REPO_DIR / "modeling" / "kernels" / "reference.py",
     "projector.py": REPO_DIR / "modeling" / "projector.py",
+    "sampling.py": REPO_DIR / "modeling" / "sampling.py",
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_ett.ETTConfig",

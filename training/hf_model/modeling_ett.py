@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_ett import ETTConfig
 from .projector import Projector, ProjectorConfig
+from .sampling import sample
 from .tokenizer import TokenizerConfig, VQTokenizer
 
 
@@ -161,7 +162,7 @@ class ETTForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 if guided:
                     uncond = self.visual_head(hidden[1]).float()
                     logits = uncond + guidance_scale * (logits - uncond)
-                code = _sample(logits / temperature, top_k, top_p, generator)
+                code = sample(logits / temperature, top_k, top_p, generator)
                 codes[row, col] = code[0]
                 if (row, col) != (height - 1, width - 1):
                     embeds = self.embed_codes(code.view(1, 1)).to(self.get_input_embeddings().weight.dtype)
@@ -169,17 +170,3 @@ class ETTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if row + 1 < height:
                 hidden = [self._last_hidden(cache, input_ids=row_end) for cache in caches]
         return self.decode_codes(codes[None]), codes[None]
-
-
-def _sample(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, K] -> sampled ids [B] after top-k and nucleus filtering (modeling/llm/generation.py's rule)."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
