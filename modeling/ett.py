@@ -111,7 +111,9 @@ class ETTModel(nn.Module):
             with torch.no_grad():
                 indices = self.tokenizer.encode(images)
             return self.index_embedding(indices.flatten()), None
-        quantized, indices, quant_losses, stats = self.tokenizer.quantize_images(images)
+        quantized, indices, quant_losses, stats = self.tokenizer.quantize_images(
+            images, with_losses=keep_codes
+        )
         codes = quantized.permute(0, 2, 3, 1).reshape(-1, quantized.shape[1])
         parts = (quantized, indices, quant_losses, stats) if keep_codes else None
         return self.projector(codes), parts

@@ -99,6 +99,26 @@ def test_vq_selects_nearest_code_and_updates_only_selected_rows(seed_everything,
     torch.testing.assert_close(out.losses["entropy"], ref, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("quantizer_class", [IBQuantizer, VectorQuantizer])
+def test_quantizer_without_losses_gives_the_same_codes_and_gradients(quantizer_class, seed_everything):
+    """with_losses=False (frozen tokenizers, encode) skips L_quant and L_entropy but leaves the codes, the indices
+    and the straight-through gradients to z and the codebook bitwise as the full forward gives them."""
+    cfg = tiny_config(loss=VQLossConfig(entropy_weight=0.05))
+    quantizer = quantizer_class(cfg)
+    z = torch.randn(2, cfg.code_dim, 3, 4, requires_grad=True)
+    weight = torch.randn(2, cfg.code_dim, 3, 4)
+    grads = []
+    for with_losses in (True, False):
+        out = quantizer(z, with_losses=with_losses)
+        assert set(out.losses) == ({"quant", "entropy"} if with_losses else set())
+        loss = (out.quantized * weight).sum()
+        grads.append((out, torch.autograd.grad(loss, [z, quantizer.embedding.weight], allow_unused=True)))
+    (full, full_grads), (lean, lean_grads) = grads
+    assert torch.equal(full.quantized, lean.quantized) and torch.equal(full.indices, lean.indices)
+    for a, b in zip(full_grads, lean_grads):  # VQ: the codes get no gradient from z_q (straight through to z)
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_tokenizer_shapes_embed_and_usage_count(seed_everything):
     cfg = tiny_config()
     tok = VQTokenizer(cfg)

@@ -71,7 +71,7 @@ def evaluate_model(model, batches, kind: str) -> dict:
             totals["caption_correct"] += float(out.token_correct)
         images = batch.get("images")
         if has_tokenizer and images is not None and images.numel():
-            quantized, indices, _, _ = model.tokenizer.quantize_images(images)
+            quantized, indices, _, _ = model.tokenizer.quantize_images(images, with_losses=False)
             recon = model.tokenizer.decode(quantized).clamp(-1, 1)
             n = images.shape[0]
             totals["psnr_sum"] += float(psnr(recon.float(), images.float())) * n

@@ -27,7 +27,7 @@ class QuantizerOutput(NamedTuple):
 
     quantized: torch.Tensor  # [B, D, h, w], forward value = codebook[indices]
     indices: torch.Tensor  # [B, h, w] int64
-    losses: dict[str, torch.Tensor]  # "quant", "entropy": unweighted scalars
+    losses: dict[str, torch.Tensor]  # "quant", "entropy": unweighted scalars; {} without with_losses
     stats: dict[str, torch.Tensor]  # "perplexity", "usage": detached scalars
 
 
@@ -88,14 +88,16 @@ class Quantizer(nn.Module, abc.ABC):
         """Plain codebook lookup: indices [...] -> [..., D]."""
         return self.embedding(indices)
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, with_losses: bool = True) -> QuantizerOutput:
+        """z [B, D, h, w] -> QuantizerOutput. `with_losses=False` skips L_quant and L_entropy (losses {}): the codes
+        and their gradients are the same, for callers that discard the losses (frozen tokenizers, encode)."""
         b, d, h, w = z.shape
         if d != self.code_dim:
             raise ValueError(
                 f"quantizer input has {d} channels, expected code_dim={self.code_dim} (z [B, D, h, w])"
             )
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        z_q, indices, losses = self.quantize(z_flat)
+        z_q, indices, losses = self.quantize(z_flat, with_losses)
         return QuantizerOutput(
             quantized=z_q.reshape(b, h, w, d).permute(0, 3, 1, 2),
             indices=indices.reshape(b, h, w),
@@ -104,8 +106,10 @@ class Quantizer(nn.Module, abc.ABC):
         )
 
     @abc.abstractmethod
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """z [N, D] -> (straight-through z_q [N, D], indices [N], unweighted losses)."""
+    def quantize(
+        self, z: torch.Tensor, with_losses: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z [N, D] -> (straight-through z_q [N, D], indices [N], unweighted losses, {} without with_losses)."""
 
 
 class IBQuantizer(Quantizer):
@@ -117,9 +121,13 @@ class IBQuantizer(Quantizer):
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__(config)
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def quantize(
+        self, z: torch.Tensor, with_losses: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         codebook = self.codes()
         z_q, indices = ibq_straight_through(z, codebook)
+        if not with_losses:
+            return z_q, indices, {}
         z_q2 = F.embedding(indices, codebook)
         quant = F.mse_loss(z_q, z) + F.mse_loss(z, z_q2.detach()) + self.beta * F.mse_loss(z_q2, z.detach())
         if self.use_entropy:
@@ -153,7 +161,9 @@ class VectorQuantizer(Quantizer):
         codes = super().embed(indices)
         return F.normalize(codes, dim=-1) if self.l2_normalize or self.output_l2_normalize else codes
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def quantize(
+        self, z: torch.Tensor, with_losses: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         if self.l2_normalize:
             z = F.normalize(z, dim=-1)
         codebook = self.codes()
@@ -162,8 +172,10 @@ class VectorQuantizer(Quantizer):
         selected = F.embedding(indices, codebook)
         if self.output_l2_normalize:
             selected = F.normalize(selected, dim=-1)
-        quant = F.mse_loss(selected, z.detach()) + self.beta * F.mse_loss(z, selected.detach())
         z_q = selected.detach() + (z - z.detach())
+        if not with_losses:
+            return z_q, indices, {}
+        quant = F.mse_loss(selected, z.detach()) + self.beta * F.mse_loss(z, selected.detach())
         if self.use_entropy:
             entropy = codebook_entropy_loss(z, codebook, self.entropy_temperature, bias=-half_sq_norm)
         else:

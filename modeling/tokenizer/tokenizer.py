@@ -76,11 +76,12 @@ class VQTokenizer(nn.Module):
             )
 
     def quantize_images(
-        self, images: torch.Tensor
+        self, images: torch.Tensor, with_losses: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """images [B, 3, H, W] in [-1, 1] -> (quantized [B, D, h, w], indices [B, h, w], quant_losses, stats)."""
+        """images [B, 3, H, W] in [-1, 1] -> (quantized [B, D, h, w], indices [B, h, w], quant_losses, stats);
+        quant_losses is {} with `with_losses=False` (the quantizer skips L_quant and L_entropy)."""
         self._check_images(images)
-        out = self.quantizer(self.quant_conv(self.encoder(images)))
+        out = self.quantizer(self.quant_conv(self.encoder(images)), with_losses)
         return out.quantized, out.indices, out.losses, out.stats
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> indices [B, H/f, W/f]."""
-        return self.quantize_images(images)[1]
+        return self.quantize_images(images, with_losses=False)[1]
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [B, h, w] -> codebook embeddings [B, h, w, D] (plain lookup, gradient to the selected rows)."""
