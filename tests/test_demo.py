@@ -59,6 +59,19 @@ def test_demo_recipe_runs_and_writes_the_report(tmp_path):
         for key in ("word_exact_match", "char_accuracy", "colour_accuracy", "usage"):
             assert 0.0 <= metrics[key] <= 1.0, (arm, key, metrics[key])
         assert 3.0 < metrics["psnr"] < 60.0 and -1.0 <= metrics["ssim"] <= 1.0, (arm, metrics)
+        for key in ("word_exact_match", "char_accuracy"):
+            lo, hi = metrics[f"{key}_ci"]
+            assert 0.0 <= lo <= metrics[key] + 1e-9 and metrics[key] - 1e-9 <= hi <= 1.0, (arm, key, metrics)
+        per_image = results["per_image"][arm]["1"]
+        assert len(per_image["word_exact_match"]) == len(per_image["char_accuracy"]) == 24, arm
+        assert sum(per_image["word_exact_match"]) / 24 == pytest.approx(metrics["word_exact_match"]), arm
+    comparison = results["ett_minus_best_frozen"]["1"]
+    assert comparison["best_frozen"] in ("frozen_emb", "frozen_index", "control_frozen_index")
+    for key in ("word_exact_match", "char_accuracy"):
+        lo, hi = comparison[f"{key}_ci"]
+        assert -1.0 <= lo <= comparison[key] + 1e-9 and comparison[key] - 1e-9 <= hi <= 1.0, (key, comparison)
+    psnr = results["psnr_before_after"]["1"]
+    assert psnr["ett_minus_stage0"] == pytest.approx(psnr["ett"] - psnr["stage0"])
     frozen = results["arms"]["frozen_emb"]["1"]["psnr"]
     assert frozen == pytest.approx(results["tokenizers"]["stage0 (before stage 2)"]["psnr"], abs=1e-6), (
         "a frozen arm must reconstruct exactly like the stage-0 tokenizer"
@@ -67,6 +80,16 @@ def test_demo_recipe_runs_and_writes_the_report(tmp_path):
     assert t2i["grids_ok"] == len(t2i["prompts"]) == 8
     assert 0.0 <= results["chat"]["char_accuracy"] <= 1.0
     assert "| 1 | ETT (alpha 0.25) |" in report and "## Verdict" in report
+    for heading in (
+        "| seed | arm | word exact-match [95% CI] | character accuracy [95% CI] | PSNR (dB) | codebook usage |",
+        "## ETT minus the best frozen arm",
+        "## Reconstruction before and after stage 2",
+        "## Paper claims",
+    ):
+        assert heading in report, heading
+    for claim in ("- Claim 2, ", "- Claim 3, ", "- Claim 4, ", "- Claim 6, "):
+        assert claim in report, claim
+    assert "of 1 seeds" in report
     assert "report written to" in result.stdout
 
 
