@@ -525,8 +525,14 @@ def paper_claim_lines(results: dict) -> list[str]:
             continue
         frozen = arms[best][s]["word_exact_match"]
         caption_only_gain = alpha0[s]["word_exact_match"] - frozen
-        if caption_only_gain > 0:
-            gains.append(f"seed {s}: {(arms['ett'][s]['word_exact_match'] - frozen) / caption_only_gain:.3f}")
+        ett_gain = arms["ett"][s]["word_exact_match"] - frozen
+        if caption_only_gain > 0 and ett_gain > caption_only_gain:
+            gains.append(
+                f"seed {s}: none to keep, ETT gains more than caption-only tuning ({ett_gain:+.3f} against "
+                f"{caption_only_gain:+.3f})"
+            )
+        elif caption_only_gain > 0:
+            gains.append(f"seed {s}: {ett_gain / caption_only_gain:.3f}")
         else:
             gains.append(f"seed {s}: undefined (caption-only tuning did not beat the frozen arms)")
     share = (
