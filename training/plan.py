@@ -27,7 +27,8 @@ the compute dtype: 2 in bf16, 4 in fp32; train.precision=auto is bf16 on --targe
     gradient reduce bucket, p x deepspeed.reduce_bucket_size elements (allocated whole by DeepSpeed);
 * activations at train.micro_batch_size (what autograd keeps for backward; see `llm_activation_bytes` and
   `tokenizer_activation_bytes` for the per-token and per-image counts and where they come from), the head's
-  loss (with model.ett.fused_head_loss, the default: the tile budget of the fused linear cross-entropy; without:
+  loss (with model.ett.fused_head_loss, the default: the largest logit tile of the fused linear cross-entropy,
+  within its memory budget and at most the whole [N, V]; without:
   the N x V logits of the LM head or the M x K logits of the visual head in t2i), and a note that the K-way codebook
   logits are never materialised (modeling/kernels computes them in chunks);
 * tokens per sample (mean over the first rows of every data.train dataset, laid out by data_pipeline/layouts.py:
@@ -128,6 +129,17 @@ def model_state_bytes(model, cfg: TrainConfig, counts: dict, world: int, nodes: 
         "deepspeed_estimator": int(deepspeed_gpu),
         "deepspeed_estimator_formula": "4*largest + 18*all_params/W (estimate_zero3_model_states_mem_needs)",
     }
+
+
+def fused_head_loss_bytes(rows: int, classes: int, hidden: int, p: int) -> int:
+    """The fused linear cross-entropy's temporaries: one logit tile of the torch path (tile sizes from
+    modeling/kernels/reference.py, BYTES_PER_LOGIT per logit) plus, for a half-precision weight, the fp32 copy of
+    its weight tile. A tile never exceeds [rows, classes], so a small head costs less than the budget."""
+    from modeling.kernels.reference import BYTES_PER_LOGIT, linear_ce_tile_sizes
+
+    tile_rows, tile_classes = linear_ce_tile_sizes(rows, classes, hidden, upcast_weight=p != 4)
+    weight_copy = tile_classes * hidden * 4 if p != 4 else 0
+    return tile_rows * tile_classes * BYTES_PER_LOGIT + weight_copy
 
 
 def llm_activation_bytes(llm, tokens: int, p: int) -> dict:
@@ -335,13 +347,12 @@ def plan_stage(
         else:
             head, rows, classes = "lm_head", tokens, cfg.model.llm.vocab_size
         if cfg.model.ett.fused_head_loss:
-            from modeling.kernels.reference import MEMORY_BUDGET_BYTES
-
             activations[f"{head}_loss"] = {
                 "shape": [rows, classes],
-                "bytes": MEMORY_BUDGET_BYTES,
-                "note": "fused linear cross-entropy: the logits are computed in tiles within this budget "
-                "(modeling/kernels), never materialised",
+                "bytes": fused_head_loss_bytes(rows, classes, cfg.model.llm.hidden_size, p),
+                "note": "fused linear cross-entropy: the temporaries of its largest logit tile (within the "
+                "kernel's memory budget, and never more than the whole [rows, classes]; modeling/kernels), the "
+                "logits are never materialised",
             }
         else:
             activations[f"{head}_logits"] = {
