@@ -238,7 +238,7 @@ def reconstruction_metrics(tokenizer, images: torch.Tensor, batch_size: int = 10
 
 @torch.no_grad()
 def reconstruct(tokenizer, images: torch.Tensor) -> torch.Tensor:
-    quantized, _, _, _ = tokenizer.quantize_images(images)
+    quantized, _, _, _ = tokenizer.quantize_images(images, with_losses=False)
     return tokenizer.decode(quantized).clamp(-1, 1)
 
 
