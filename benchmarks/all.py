@@ -219,7 +219,11 @@ def render_train_throughput(data: dict) -> list[str]:
              f"tokenizer {count(params.get('tokenizer', 0))}), {setup['precision']}, micro-batch "
              f"{setup['micro_batch_size']} x {setup['seq_len']} positions, {setup['image_size'][0]}x"
              f"{setup['image_size'][1]} images, {setup['timed_steps']} timed steps after {setup['warmup_steps']} "
-             f"warm-up" + (f", the median of {repeats} alternating repeats" if repeats > 1 else "")
+             f"warm-up" + (f", the median of {repeats} repeats" if repeats > 1 else "")
+             + (f", the two arms taking turns every {setup['interleave_steps']} steps"
+                if setup.get("interleave_steps") else "")
+             + (f" (ours / baseline per repeat: {', '.join(f'{r:.3f}' for r in data['ratio_per_repeat'])})"
+                if data.get("ratio_per_repeat") and repeats > 1 else "")
              + (f", {setup['cpu_threads_per_arm']} CPU thread per arm" if setup.get("cpu_threads_per_arm") else "")
              + f"; torch {data['env'].get('torch')}, deepspeed {data['env'].get('deepspeed')}, transformers "
              f"{data['env'].get('transformers')}.", ""]  # fmt: skip

@@ -6,8 +6,13 @@
 
 Workload: a stage-2 ETT step (stage.kind=ett: tokenizer + projector + LLM all trainable, L = L_cap + 0.25 L_vq) on
 the embedded synthetic data (`data_pipeline.synthetic`, written to a temporary directory unless --data is given),
-one process, ZeRO-3, fp32 on CPU and bf16 on CUDA. The two arms run one after the other, each in its own child
-process (clean peak-memory numbers, no DeepSpeed or accelerate global state shared between them):
+one process, ZeRO-3, fp32 on CPU and bf16 on CUDA. Each arm runs in its own child process (clean peak-memory
+numbers, no DeepSpeed or accelerate global state shared between them). On CPU, by default (`--interleave 5`), the
+two processes run at once and take turns: an arm runs 5 steps, hands the turn over through a pipe and waits, and its
+clock stops while it waits. A virtual machine's speed drifts by tens of percent within minutes; taking turns
+every second or so puts that drift on both arms alike, where running them one after the other puts it on whichever
+ran during the slow minutes. `--interleave 0`, the default on CUDA (two gpu1b arms do not fit one GPU together),
+runs the arms one after the other.
 
   ours      `training.trainer.Trainer.fit`, the loop `python -m training.train` runs, unchanged: the model from
             training.stages.build_model under deepspeed.zero.Init, the engine from training.engine.build_engine
@@ -42,9 +47,10 @@ process), TFLOP/s and MFU from training/flops.py (forward FLOPs of the first mic
 FlopCounterMode plus the Triton codebook kernels' GEMMs, x3 for forward + backward; the peak is a bf16 matmul peak
 measured once in the parent process on CUDA and handed to both arms as ETT_PEAK_TFLOPS, or ETT_PEAK_TFLOPS when
 set; on CPU MFU needs ETT_PEAK_TFLOPS), and for ours the fraction of step time spent waiting for the next batch.
-`--arms ours` (or `baseline`) runs one arm only; the ratios and cross-arm checks are then null. `--repeats R` alternates the arms R times and keeps, per arm, the
-repeat with the median tokens/s. The discriminator is off (model.tokenizer.loss.gan_weight=0: the HF baseline has
-no second optimizer step) and LPIPS is off (it needs local VGG weights); starting weights are random (a throughput
+`--arms ours` (or `baseline`) runs one arm only; the ratios and cross-arm checks are then null. `--repeats R` runs
+the comparison R times (fresh processes; the arm that goes first alternates) and keeps, per arm, the repeat with the
+median tokens/s; `ratio_per_repeat` in the JSON holds each repeat's own ours/baseline ratio. The discriminator is
+off (model.tokenizer.loss.gan_weight=0: the HF baseline has no second optimizer step) and LPIPS is off (it needs local VGG weights); starting weights are random (a throughput
 benchmark needs no pretrained weights; TrainConfig.validate's demand for stage.init_from is the one check not run).
 
 On CPU each arm runs with one thread (--threads; OMP_NUM_THREADS and torch.set_num_threads): with two threads
@@ -177,8 +183,9 @@ CONFIGS = {
 # configuration
 
 
-def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
-    """The full stage config dict of preset `name` on `data_dir`, with dotted overrides applied."""
+def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str], max_steps: int) -> dict:
+    """The full stage config dict of preset `name` on `data_dir`, with a schedule of `max_steps` steps (warm-up
+    and timed steps: the trainer stops at the schedule's end) and dotted overrides applied."""
     from training.config import apply_overrides
     from training.run_config import TrainConfig
 
@@ -191,6 +198,7 @@ def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str
         text_tokenizer=str(data_dir / "tokenizer"),
     )
     sections["train"]["output_dir"] = str(out_dir)
+    sections["schedule"]["max_steps"] = max_steps
     sections["deepspeed"]["config"] = str(REPO_ROOT / sections["deepspeed"]["config"])
     return apply_overrides(TrainConfig, sections, overrides)
 
@@ -242,17 +250,43 @@ def batch_hash(batch: dict) -> str:
     return digest.hexdigest()
 
 
+class Baton:
+    """Turn-taking with the parent process in `--interleave` mode: the arm runs `block` steps, hands the turn back
+    and waits for the next one, so the two arms never run steps at the same time and the machine's drift falls on
+    both. `fds` is "READ_FD,WRITE_FD,BLOCK" from ETT_BENCH_BATON."""
+
+    def __init__(self, fds: str):
+        read_fd, write_fd, block = (int(x) for x in fds.split(","))
+        self.read_fd, self.write_fd, self.block = read_fd, write_fd, block
+
+    def wait_turn(self) -> None:
+        if os.read(self.read_fd, 1) != b"g":
+            raise SystemExit("train_throughput: the parent process went away")
+
+    def hand_back(self, finished: bool) -> None:
+        os.write(self.write_fd, b"f" if finished else b"p")
+
+
 class StepRecorder:
-    """Per-step end times, data-loading waits, token and image counts, and losses of one arm."""
+    """Per-step durations, data-loading waits, token and image counts, and losses of one arm. A step's duration
+    runs from the end of the step before (or from the arm's turn starting again, under a Baton) to its end."""
 
     def __init__(self, total_steps: int, accum: int):
         self.total_steps, self.accum = total_steps, accum
-        self.step_end: list[float] = []
+        self.durations: list[float] = []
         self.data_wait: list[float] = []
         self.batches: list[dict] = []
         self.losses: list = []
         self.fwd_flops = None
-        self.start = time.perf_counter()
+        fds = os.environ.get("ETT_BENCH_BATON")
+        self.baton = Baton(fds) if fds else None
+        self.resume = time.perf_counter()
+
+    def begin(self) -> None:
+        """Just before the first step: under a Baton, wait for the first turn."""
+        if self.baton is not None:
+            self.baton.wait_turn()
+        self.resume = time.perf_counter()
 
     def batch_taken(self, batch: dict, waited: float) -> None:
         step = len(self.batches) // self.accum
@@ -262,20 +296,29 @@ class StepRecorder:
         self.batches.append(batch)
 
     def end_step(self) -> bool:
-        """Stamp the end of a step; True once the last step is done."""
+        """Stamp the end of a step (and, under a Baton, hand over the turn after each block); True once the last
+        step is done."""
         _sync()
-        self.step_end.append(time.perf_counter())
-        return len(self.step_end) >= self.total_steps
+        end = time.perf_counter()
+        self.durations.append(end - self.resume)
+        self.resume = end
+        finished = len(self.durations) >= self.total_steps
+        if self.baton is not None and (finished or len(self.durations) % self.baton.block == 0):
+            self.baton.hand_back(finished)
+            if not finished:
+                self.baton.wait_turn()
+                self.resume = time.perf_counter()
+        return finished
 
     def result(self) -> dict:
         import torch
 
         per_step = []
-        for step in range(len(self.step_end)):
+        for step, duration in enumerate(self.durations):
             group = self.batches[step * self.accum : (step + 1) * self.accum]
             per_step.append(
                 {
-                    "end_s": self.step_end[step] - self.start,
+                    "duration_s": duration,
                     "data_wait_s": self.data_wait[step] if step < len(self.data_wait) else 0.0,
                     "tokens": sum(int(b.get("num_tokens", 0)) for b in group),
                     "samples": sum(int(b.get("num_samples", 0)) for b in group),
@@ -355,6 +398,10 @@ def run_ours(spec: dict) -> dict:
 
         def build_loader(self):
             return TimedLoader(super().build_loader(), recorder)
+
+        def fit(self, stop_at: int | None = None) -> int:
+            recorder.begin()
+            return super().fit(stop_at)
 
         def after_step(self, terms: dict[str, float]) -> None:
             recorder.losses.append(terms["loss/total"])
@@ -461,6 +508,9 @@ def run_baseline(spec: dict) -> dict:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
     class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            recorder.begin()
+
         def on_step_end(self, args, state, control, **kwargs):
             recorder.end_step()
 
@@ -514,9 +564,8 @@ def summarize(raw: dict, warmup: int, steps: int) -> dict:
 
     per_step = raw["per_step"]
     timed = per_step[warmup : warmup + steps]
-    ends = [s["end_s"] for s in per_step]
-    elapsed = ends[warmup + steps - 1] - ends[warmup - 1]
-    durations = [ends[i] - ends[i - 1] for i in range(warmup, warmup + steps)]
+    durations = [s["duration_s"] for s in timed]
+    elapsed = sum(durations)
     tokens = sum(s["tokens"] for s in timed)
     images = sum(s["images"] for s in timed)
     waits = sum(s["data_wait_s"] for s in timed)
@@ -595,23 +644,77 @@ def _peak() -> dict:
     return peak_info()
 
 
-def run_arm(arm: str, spec_path: Path, out_path: Path, log_path: Path, threads: int | None) -> dict:
+def _arm_env(threads: int | None) -> dict:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONWARNINGS", "ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "ETT_BENCH_BATON"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--arm", arm, "--spec", str(spec_path), "--arm-out", str(out_path)]  # fmt: skip
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+    return env
+
+
+def _arm_command(arm: str, spec_path: Path, out_path: Path) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.train_throughput", "--arm", arm, "--spec", str(spec_path), "--arm-out", str(out_path)]  # fmt: skip
+
+
+def _arm_result(arm: str, returncode: int, out_path: Path, log_path: Path) -> dict:
+    if returncode != 0:
         tail = log_path.read_text()[-4000:]
-        raise SystemExit(
-            f"train_throughput: the '{arm}' arm failed (exit {proc.returncode}); log tail:\n{tail}"
-        )
+        raise SystemExit(f"train_throughput: the '{arm}' arm failed (exit {returncode}); log tail:\n{tail}")
     return json.loads(out_path.read_text())
+
+
+def run_arm(arm: str, spec_path: Path, out_path: Path, log_path: Path, threads: int | None) -> dict:
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            _arm_command(arm, spec_path, out_path), cwd=REPO_ROOT, env=_arm_env(threads), stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return _arm_result(arm, proc.returncode, out_path, log_path)
+
+
+def run_arms_interleaved(
+    jobs: list[tuple[str, Path, Path, Path]], threads: int | None, block: int
+) -> list[dict]:
+    """Run the arms' processes at once, taking turns every `block` steps in the order of `jobs` (each arm's clock
+    stops while it waits; its setup runs before its first turn). jobs: (arm, spec, out, log) per arm."""
+    from training.engine import free_port
+
+    procs = []
+    for arm, spec_path, out_path, log_path in jobs:
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        env = _arm_env(threads)
+        env["ETT_BENCH_BATON"] = f"{go_read},{done_write},{block}"
+        env["MASTER_PORT"] = str(free_port())
+        log = open(log_path, "w")
+        proc = subprocess.Popen(
+            _arm_command(arm, spec_path, out_path), cwd=REPO_ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, pass_fds=(go_read, done_write),
+        )  # fmt: skip
+        os.close(go_read)
+        os.close(done_write)
+        procs.append({"proc": proc, "log": log, "go": go_write, "done": done_read, "running": True})
+    try:
+        while any(p["running"] for p in procs):
+            for p in procs:
+                if not p["running"]:
+                    continue
+                os.write(p["go"], b"g")
+                answer = os.read(p["done"], 1)  # b"" when the arm died
+                p["running"] = answer == b"p"
+    except BrokenPipeError:
+        pass  # an arm died before its turn; its exit code says so below
+    results = []
+    for (arm, _, out_path, log_path), p in zip(jobs, procs):
+        os.close(p["go"])
+        os.close(p["done"])
+        returncode = p["proc"].wait()
+        p["log"].close()
+        results.append(_arm_result(arm, returncode, out_path, log_path))
+    return results
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -667,6 +770,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="alternate the two arms R times; keep the median"
+    )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run both arms at once, taking turns every K steps (each arm's clock stops while the other runs), so "
+        "that the machine's drift falls on both; 0 runs them one after the other (default 5 on CPU, 0 on CUDA)",
     )
     parser.add_argument(
         "--json", dest="json_out", default=DEFAULT_JSON, help=f"output JSON (default {DEFAULT_JSON})"
@@ -763,10 +874,16 @@ def main(argv=None) -> int:
                 flush=True,
             )
         torch.cuda.empty_cache()
+    interleave = args.interleave if args.interleave is not None else (0 if torch.cuda.is_available() else 5)
+    interleave = interleave if len(arm_names) == 2 else 0
     results: dict[str, list[dict]] = {arm: [] for arm in arm_names}
     for repeat in range(args.repeats):
-        for arm in arm_names:
-            sections = stage_sections(args.config, data_dir, workdir / f"run_{arm}_{repeat}", overrides)
+        order = arm_names if repeat % 2 == 0 else arm_names[::-1]  # who goes first alternates
+        jobs = []
+        for arm in order:
+            sections = stage_sections(
+                args.config, data_dir, workdir / f"run_{arm}_{repeat}", overrides, warmup + steps
+            )
             cfg = train_config(sections)
             accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
             spec = {
@@ -779,21 +896,31 @@ def main(argv=None) -> int:
             }
             spec_path = workdir / f"spec_{arm}_{repeat}.json"
             spec_path.write_text(json.dumps(spec))
-            print(f"[{repeat + 1}/{args.repeats}] {arm} ...", flush=True)
-            raw = run_arm(
-                arm,
-                spec_path,
-                workdir / f"raw_{arm}_{repeat}.json",
-                workdir / f"log_{arm}_{repeat}.txt",
-                threads,
+            jobs.append(
+                (arm, spec_path, workdir / f"raw_{arm}_{repeat}.json", workdir / f"log_{arm}_{repeat}.txt")
             )
+        if interleave:
+            print(
+                f"[{repeat + 1}/{args.repeats}] {' and '.join(order)}, turns of {interleave} steps ...",
+                flush=True,
+            )
+            raws_now = run_arms_interleaved(jobs, threads, interleave)
+        else:
+            raws_now = []
+            for job in jobs:
+                print(f"[{repeat + 1}/{args.repeats}] {job[0]} ...", flush=True)
+                raws_now.append(run_arm(*job, threads))
+        for (arm, *_), raw in zip(jobs, raws_now):
             summary = summarize(raw, warmup, steps)
             summary["raw"] = raw
             results[arm].append(summary)
             print(
-                f"    {summary['tokens_per_s']:.1f} tokens/s, {summary['images_per_s']:.2f} images/s",
+                f"    {arm}: {summary['tokens_per_s']:.1f} tokens/s, {summary['images_per_s']:.2f} images/s",
                 flush=True,
             )
+        if len(arm_names) == 2:
+            paired = results["ours"][-1]["tokens_per_s"] / results["baseline"][-1]["tokens_per_s"]
+            print(f"    ours / baseline: {paired:.3f}", flush=True)
 
     def median_run(runs):
         return sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
@@ -823,6 +950,7 @@ def main(argv=None) -> int:
             "warmup_steps": warmup,
             "timed_steps": steps,
             "repeats": args.repeats,
+            "interleave_steps": interleave,
             "arms": list(arm_names),
             "precision": "bf16" if torch.cuda.is_available() else "fp32",
             "world_size": 1,
@@ -835,7 +963,7 @@ def main(argv=None) -> int:
             "baseline_zero_overrides": baseline_zero,
             "log_every": cfg.train.log_every,
             "params": first["params"],
-            "sections": stage_sections(args.config, data_dir, Path("RUN"), overrides),
+            "sections": stage_sections(args.config, data_dir, Path("RUN"), overrides, warmup + steps),
             "ds_config_ours": raws["ours"]["ds_config"] if "ours" in raws else None,
             "ds_config_baseline": raws["baseline"]["ds_config"] if "baseline" in raws else None,
             "optimizer_ours": "torch.optim.AdamW (training.engine.build_engine)",
@@ -850,6 +978,11 @@ def main(argv=None) -> int:
             arm: [{k: r[k] for k in ("tokens_per_s", "images_per_s", "step_time_median_s")} for r in runs]
             for arm, runs in results.items()
         },  # fmt: skip
+        "ratio_per_repeat": [
+            o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(results["ours"], results["baseline"])
+        ]
+        if both
+        else None,
         "ratios": {
             "tokens_per_s": ratio("tokens_per_s"),
             "images_per_s": ratio("images_per_s"),

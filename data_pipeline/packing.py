@@ -93,10 +93,21 @@ class Packer:
         return batch
 
 
+def pixels_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [N, 3, H, W] -> float32 x / 127.5 - 1, in [-1, 1] (the tokenizer's input range)."""
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
 def collate_rows(
-    rows: list[list[tuple]], seq_len: int, pad_id: int, placeholder_id: int, image_size: tuple[int, int]
+    rows: list[list[tuple]],
+    seq_len: int,
+    pad_id: int,
+    placeholder_id: int,
+    image_size: tuple[int, int],
+    float_images: bool = True,
 ) -> dict:
-    """Rows of (key, ProcessedSample) -> the packed batch dict (see DESIGN / the project interfaces)."""
+    """Rows of (key, ProcessedSample) -> the packed batch dict (see DESIGN / the project interfaces). With
+    float_images=False the images stay uint8 [N, 3, H, W] (the loader converts them after the worker hand-over)."""
     batch_size = len(rows)
     input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, seq_len), IGNORE, dtype=torch.long)
@@ -117,9 +128,11 @@ def collate_rows(
             offset += n
             num_samples += 1
     if images:
-        pixels = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0)
+        pixels = torch.from_numpy(np.stack(images))
     else:
-        pixels = torch.zeros((0, 3, *image_size))
+        pixels = torch.zeros((0, 3, *image_size), dtype=torch.uint8)
+    if float_images:
+        pixels = pixels_to_unit_range(pixels)
     return {
         "input_ids": input_ids,
         "labels": labels,
