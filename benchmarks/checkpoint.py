@@ -24,9 +24,10 @@ os.wait4):
            verifies again), `engine.load_checkpoint`, the loader state, the RNG state and the discriminator. It
            checks that every weight, optimizer partition and Adam moment is bitwise equal to the saved one
            (`weights_match`, `optimizer_state_match`);
-  baseline the same export command on a checkpoint of the tiny (`small`) model: the interpreter, the modules the
-           export imports (torch, deepspeed, transformers, and what they load lazily: dynamo, sympy, triton, ...)
-           and its fixed costs, i.e. the process's RSS and wall time when the model itself costs nothing;
+  baseline the same export command on a checkpoint of the tiny (`small`) model (at `--size small`, the export
+           itself): the interpreter, the modules the export imports (torch, deepspeed, transformers, and what
+           they load lazily: dynamo, sympy, triton, ...) and its fixed costs, i.e. the process's RSS and wall time
+           when the model itself costs nothing;
   export   `python -m training.export --checkpoint RUN/checkpoints --out EXPORT`: wall time and peak RSS of that
            process, compared with one fp32 copy of the model (export.py's docstring: at most one full-precision
            copy plus one safetensors shard, on top of the baseline).
@@ -433,25 +434,24 @@ def run_benchmark(size: str, work: Path, max_shard_size: str, save_repeats: int)
     print("[load] child process: fresh engine, engine.load_checkpoint + trainer state, bitwise check")
     load = run_phase("load", work, size)
 
-    print(
-        "[baseline] the same export on a checkpoint of the tiny model (interpreter + imports + fixed costs)"
-    )
-    if size == "small":
-        base_ckpt = tag_dir.parent
-    else:
-        base_work = work / "baseline"
-        base_work.mkdir()
-        (base_work / "data").symlink_to(work / "data")
-        base_ckpt = Path(run_phase("save", base_work, "small")["checkpoint_dir"]).parent
-    base_s, base_rss = run_child(
-        "export_baseline", export_command(base_ckpt, work / "export_baseline", "5GB"), work
-    )
-
     print(f"[export] child process: python -m training.export (max shard size {max_shard_size})")
     export_dir = work / "export"
     export_s, export_rss = run_child(
         "export", export_command(tag_dir.parent, export_dir, max_shard_size), work
     )
+    if size == "small":  # the tiny model is the baseline: the export above is its measurement
+        base_s, base_rss = export_s, export_rss
+    else:
+        print(
+            "[baseline] the same export on a checkpoint of the tiny model (interpreter + imports + fixed costs)"
+        )
+        base_work = work / "baseline"
+        base_work.mkdir()
+        (base_work / "data").symlink_to(work / "data")
+        base_ckpt = Path(run_phase("save", base_work, "small")["checkpoint_dir"]).parent
+        base_s, base_rss = run_child(
+            "export_baseline", export_command(base_ckpt, work / "export_baseline", "5GB"), work
+        )
     export_bytes, export_files = directory_bytes(export_dir)
 
     params = save["parameters"]

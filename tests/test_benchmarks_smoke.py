@@ -11,7 +11,17 @@ from tests.conftest import REPO_ROOT, child_env
 def test_checkpoint_benchmark_small_runs(tmp_path):
     out = tmp_path / "checkpoint.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.checkpoint", "--size", "small", "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.checkpoint",
+            "--size",
+            "small",
+            "--save-repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
         cwd=REPO_ROOT,
         env=child_env(),
         capture_output=True,
