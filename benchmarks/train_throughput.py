@@ -183,9 +183,10 @@ CONFIGS = {
 # configuration
 
 
-def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str], max_steps: int) -> dict:
-    """The full stage config dict of preset `name` on `data_dir`, with a schedule of `max_steps` steps (warm-up
-    and timed steps: the trainer stops at the schedule's end) and dotted overrides applied."""
+def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str], run_steps: int) -> dict:
+    """The full stage config dict of preset `name` on `data_dir`, with dotted overrides applied. The schedule is
+    one step longer than the `run_steps` (warm-up + timed) steps an arm runs: the trainer stops at the schedule's
+    end, and `fit(stop_at=run_steps)` then ends without the final save and hand-off."""
     from training.config import apply_overrides
     from training.run_config import TrainConfig
 
@@ -198,7 +199,7 @@ def stage_sections(name: str, data_dir: Path, out_dir: Path, overrides: list[str
         text_tokenizer=str(data_dir / "tokenizer"),
     )
     sections["train"]["output_dir"] = str(out_dir)
-    sections["schedule"]["max_steps"] = max_steps
+    sections["schedule"]["max_steps"] = run_steps + 1
     sections["deepspeed"]["config"] = str(REPO_ROOT / sections["deepspeed"]["config"])
     return apply_overrides(TrainConfig, sections, overrides)
 

@@ -37,8 +37,8 @@ CASES = {
     # name: (N, K, kind, seed). "ibq": z and C ~ N(0, 1) D^-1/4, the logits z.c ~ N(0, 1) as in tests/test_gpu.py;
     # "vq": z and C unit-normalised as VectorQuantizer(vq_l2_normalize=True) does, with its bias -||c||^2 / 2.
     "ibq-64x2048": (64, 2048, "ibq", 0),
-    "ibq-256x4096": (256, 4096, "ibq", 0),
-    "vq-128x4096": (128, 4096, "vq", 0),
+    "ibq-64x4096": (64, 4096, "ibq", 0),
+    "vq-64x4096": (64, 4096, "vq", 0),
 }
 
 
