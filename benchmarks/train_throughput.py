@@ -50,8 +50,9 @@ set; on CPU MFU needs ETT_PEAK_TFLOPS), and for ours the fraction of step time s
 `--arms ours` (or `baseline`) runs one arm only; the ratios and cross-arm checks are then null. `--repeats R` runs
 the comparison R times (fresh processes; the arm that goes first alternates) and keeps, per arm, the repeat with the
 median tokens/s; `ratio_per_repeat` in the JSON holds each repeat's own ours/baseline ratio. The discriminator is
-off (model.tokenizer.loss.gan_weight=0: the HF baseline has no second optimizer step) and LPIPS is off (it needs local VGG weights); starting weights are random (a throughput
-benchmark needs no pretrained weights; TrainConfig.validate's demand for stage.init_from is the one check not run).
+off (model.tokenizer.loss.gan_weight=0: the HF baseline has no second optimizer step) and LPIPS is off (it needs
+local VGG weights); starting weights are random (a throughput benchmark needs no pretrained weights;
+TrainConfig.validate's demand for stage.init_from is the one check not run).
 
 On CPU each arm runs with one thread (--threads; OMP_NUM_THREADS and torch.set_num_threads): with two threads
 on a machine that other jobs share, OpenMP barriers make timings erratic (a small conv was 50x slower). Section

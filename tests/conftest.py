@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from training.engine import free_port
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -93,14 +95,6 @@ class RankGroup:
         return "\n".join(f"--- rank {i} ---\n{open(path).read()[-6000:]}" for i, path in enumerate(self.logs))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def child_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -114,7 +108,7 @@ def start_ranks(
 ) -> RankGroup:
     """Start `python -m MODULE args` (training.train by default) on nproc ranks (gloo on CPU); logs go to
     log_dir/rankR-PORT.log."""
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for rank in range(nproc):
         env = child_env(env_extra)

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from modeling.tokenizer import PatchDiscriminator, VQLossConfig, VQTokenizer
-from tests.conftest import REPO_ROOT, _free_port, child_env
+from tests.conftest import REPO_ROOT, child_env
 from tests.tiny_configs import stage_config
+from training.engine import free_port
 from training.import_tokenizer import TokenizerImportError, import_tokenizer, main
 
 # ---------------------------------------------------------------------------------------------- Janus (transformers)
@@ -408,7 +409,7 @@ def test_import_loads_into_zero3_model(tmp_path):
         stage={"init_tokenizer_from": str(out)},
     )
     config["model"]["tokenizer"] = tok_cfg
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = child_env(
