@@ -204,7 +204,9 @@ def test_kill_during_background_write_and_a_damaged_shard(reference, tiny_data, 
         "ETT_TEST_HANG_TAG": "step00000005",
         "ETT_TEST_HANG_MARKER": str(marker),
     }
-    group = start_ranks(2, ["--config", str(config), "--resume", "none"], tmp_path, env_extra=hang_env)
+    group = start_ranks(
+        2, ["--config", str(config), "--resume", "none"], tmp_path, env_extra=hang_env, fresh_interpreter=True
+    )
     deadline = time.time() + 300
     # Both writers hung and training went on to the last step (the final save then waits for step 5's).
     while not (all(Path(f"{marker}{r}").exists() for r in (0, 1)) and STEPS in _losses(run_dir)):

@@ -1,6 +1,7 @@
 """The recipe runner's generic step kinds (train, python, command): validation, command lines, dependencies and
 skip-on-rerun, on a recipe with no training step (fast); the demo recipe's steps are expressed with them."""
 
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -83,3 +84,37 @@ def test_demo_steps_are_generic_steps():
     report = step_command(steps["report"], out / "report", out, recipe["defaults"], 1, [], "auto")
     assert report[1:] == ["-m", "examples.demo.report", "--run-dir", "/runs/x"]
     assert steps["report"]["after"] == sorted(set(steps) - {"report"})
+
+
+
+
+def _report_recipe(tmp_path: Path, fork_server: bool, exit_code: int = 0) -> Path:
+    """One python step that reports what its process sees, with 2 threads."""
+    report = {
+        "name": "report",
+        "run": "python",
+        "module": "tests.process_report",
+        "args": {"out": "{output_dir}/seen.json", "exit_code": exit_code},
+        "threads": 2,
+    }
+    out = tmp_path / f"fork_server_{fork_server}_{exit_code}"
+    out.mkdir()
+    return _write(out, {"output_dir": str(out), "parallel": 2, "fork_server": fork_server, "steps": [report]})
+
+
+def test_forked_steps_behave_as_fresh_processes(tmp_path, monkeypatch):
+    """A step forked from the warm server sees the argv, working directory, thread count and environment a fresh
+    `python -m` would, its output goes to its log and its exit status is the step's. (That training in a forked
+    rank is bitwise that of a fresh process: tests/test_stage_losses.py, whose ranks fork, against losses
+    recorded in fresh processes.)"""
+    monkeypatch.setenv("TEST_MARK", "x")
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    for fork_server in (True, False):
+        out = run_recipe(_report_recipe(tmp_path, fork_server))
+        seen[fork_server] = json.loads((out / "seen.json").read_text())
+        assert seen[fork_server].pop("argv") == ["--out", str(out / "seen.json"), "--exit-code", "0"]
+        assert (out / "report" / "log.txt").read_text().strip() == "reported"
+    assert seen[True] == seen[False] == {"threads": 2, "env": {"TEST_MARK": "x"}, "cwd": str(tmp_path)}, seen
+    with pytest.raises(SystemExit, match=r"\[report\] failed with exit code 3"):
+        run_recipe(_report_recipe(tmp_path, True, exit_code=3))

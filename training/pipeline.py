@@ -18,8 +18,10 @@ Step kinds (`run:`):
   command  `command: [PROGRAM, ARG, ...]`, run as given (no shell).
 
 `"@NAME"` in a value is the hand-off directory of step NAME (OUTPUT/NAME/final); `{output_dir}` is substituted.
-Each training step runs in a fresh process (one DeepSpeed engine per stage: ZeRO-3 fixes the trainable set when the
-engine is built, see docs/design.md) with its resolved config written to OUTPUT/NAME/stage.yaml; a step whose
+Each training step runs in its own process (one DeepSpeed engine per stage: ZeRO-3 fixes the trainable set when the
+engine is built, see docs/design.md) with its resolved config written to OUTPUT/NAME/stage.yaml. `fork_server: auto`
+(default; true, false) starts single-process `python -m` steps as forks of a server that imported torch, DeepSpeed and
+transformers once (training/fork_server.py; ~7 s saved per step on CPU), unless a CUDA device is visible. A step whose
 OUTPUT/NAME/DONE exists is skipped, so a re-run resumes the recipe where it stopped (and an interrupted stage resumes
 from its own checkpoints with --resume auto).
 
@@ -43,11 +45,12 @@ from pathlib import Path
 import yaml
 
 from training.config import ConfigError, load_config
+from training.fork_server import ForkServer, fork_server_wanted
 from training.run_config import TrainConfig
 from training.run_log import get_logger
 
 STEP_KINDS = ("train", "python", "command")
-RECIPE_KEYS = {"output_dir", "nproc", "parallel", "defaults", "templates", "steps", "description"}
+RECIPE_KEYS = {"output_dir", "nproc", "parallel", "fork_server", "defaults", "templates", "steps", "description"}
 STEP_KEYS = {"name", "run", "config", "module", "args", "command", "after", "threads"}
 
 
@@ -101,6 +104,8 @@ def load_recipe(path: str | Path) -> dict:
         names.add(step["name"])
     if int(recipe.get("parallel", 1)) < 1:
         raise ConfigError(f"{path}: parallel must be >= 1, got {recipe['parallel']}")
+    if recipe.get("fork_server", "auto") not in (True, False, "auto"):
+        raise ConfigError(f"{path}: fork_server must be true, false or auto, got {recipe['fork_server']!r}")
     return recipe
 
 
@@ -238,6 +243,7 @@ def run_recipe(
             _check_stage_config(
                 deep_merge(defaults, step.get("config", {})), output_dir, overrides, step["name"]
             )
+    fork_server = ForkServer() if fork_server_wanted(recipe.get("fork_server", "auto")) else None
     selected = {s["name"] for s in steps}
     done: set[str] = set()
     running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
@@ -262,11 +268,15 @@ def run_recipe(
             step_dir.mkdir(parents=True, exist_ok=True)
             command = step_command(step, step_dir, output_dir, defaults, nproc, overrides, resume)
             log.info(f"[{name}] {step['run']} started ({time.time() - started:.0f} s into the recipe)")
-            output = open(step_dir / "log.txt", "w") if parallel > 1 else None
+            log_path = step_dir / "log.txt" if parallel > 1 else None
             step_env = {**env, "OMP_NUM_THREADS": str(step["threads"])} if "threads" in step else env
-            process = subprocess.Popen(
-                command, env=step_env, stdout=output, stderr=subprocess.STDOUT if output else None
-            )
+            if fork_server is not None and step["run"] != "command" and fork_server.can_run(command):
+                process = fork_server.start(command, step_env, log_path and str(log_path))
+            else:
+                output = open(log_path, "w") if log_path else None
+                process = subprocess.Popen(
+                    command, env=step_env, stdout=output, stderr=subprocess.STDOUT if output else None
+                )
             running[name] = (process, step, time.time())
         if not running and progressed:
             continue
@@ -321,7 +331,7 @@ def _wait_any(running: dict) -> str:
         for name, (process, _, _) in running.items():
             if process.poll() is not None:
                 return name
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def main(argv=None) -> int:
