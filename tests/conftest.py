@@ -19,9 +19,6 @@ from training.engine import free_port
 from training.fork_server import ForkServer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Rank processes fork from one warm server per test session (the pipeline's launcher), instead of each importing
-# torch, DeepSpeed and transformers anew (~7 s of CPU per process).
-FORK_SERVER = ForkServer()
 
 
 def _slurm_available() -> bool:
@@ -107,6 +104,11 @@ def child_env(extra: dict | None = None) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
+
+
+# Rank processes fork from one warm server per test session (the pipeline's launcher), instead of each importing
+# torch, DeepSpeed and transformers anew (6-12 s of CPU per process).
+FORK_SERVER = ForkServer(child_env())
 
 
 def start_ranks(

@@ -11,6 +11,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from training.config import ConfigError
+from training.fork_server import fork_server_wanted
 from training.pipeline import STEP_KINDS, load_recipe, module_args, run_recipe, step_command
 
 
@@ -86,8 +87,6 @@ def test_demo_steps_are_generic_steps():
     assert steps["report"]["after"] == sorted(set(steps) - {"report"})
 
 
-
-
 def _report_recipe(tmp_path: Path, fork_server: bool, exit_code: int = 0) -> Path:
     """One python step that reports what its process sees, with 2 threads."""
     report = {
@@ -118,3 +117,18 @@ def test_forked_steps_behave_as_fresh_processes(tmp_path, monkeypatch):
     assert seen[True] == seen[False] == {"threads": 2, "env": {"TEST_MARK": "x"}, "cwd": str(tmp_path)}, seen
     with pytest.raises(SystemExit, match=r"\[report\] failed with exit code 3"):
         run_recipe(_report_recipe(tmp_path, True, exit_code=3))
+
+
+def test_fork_server_setting_is_checked(tmp_path):
+    recipe = {"output_dir": str(tmp_path), "fork_server": "yes", "steps": []}
+    with pytest.raises(ConfigError, match="fork_server must be true, false or auto, got 'yes'"):
+        load_recipe(_write(tmp_path, recipe))
+
+
+def test_fork_server_is_off_where_cuda_is_visible(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert fork_server_wanted("auto") is False and fork_server_wanted(False) is False
+    with pytest.raises(ConfigError, match="fork_server: true, but a CUDA device is visible"):
+        fork_server_wanted(True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert fork_server_wanted("auto") is True and fork_server_wanted(False) is False

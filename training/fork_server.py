@@ -1,13 +1,20 @@
 """Pipeline steps as forks of a warm server: one import of torch, DeepSpeed and transformers per recipe, not per step.
 
-A fresh `python -m training.train` on a 2-core CPU spends 7-9 s importing before its first step and during its
+A fresh `python -m training.train` on a 2-core CPU spends 6-12 s importing, before its first step and during its
 export: torch (~2.7 s), torch._dynamo (~2.8 s, pulled in by the first optimizer's constructor), DeepSpeed
-(~0.6 s) and transformers (the exported config classes, ~2 s). The demo recipe starts 33 processes. Here
-multiprocessing's forkserver imports WARM_IMPORTS once, in a single-threaded server process that never runs a tensor
-operation (so there is no OpenMP pool to inherit), and each step is a fork of it that behaves as `python -m MODULE
-ARGS` would: runpy runs the module as __main__ with the step's environment, thread count, working directory and log
-file, and its exit status is the step's return code. Each step still gets its own process, hence its own DeepSpeed
-engine and its own memory, which the OS reclaims at exit.
+(~0.6 s), transformers (the exported config classes) and what they pull in. A 3-step stage takes 15.5 s as a fresh
+process and 4 s as a fork; the demo recipe runs 31 steps. Here multiprocessing's forkserver imports WARM_IMPORTS once,
+in a single-threaded server process that never runs a tensor operation (so there is no OpenMP pool to inherit),
+and each step is a fork of it that behaves as `python -m MODULE ARGS` would: runpy runs the module as __main__ with
+the step's environment, thread count, working directory and log file, and its exit status is the step's return
+code. Each step still gets its own process, hence its own DeepSpeed engine and its own memory, which the OS
+reclaims at exit.
+
+Two differences from a fresh interpreter remain. Environment variables that a library reads when it is imported
+are read once, by the server, which starts with the steps' common environment (the pipeline's; a step's own
+`threads:` is applied in the child with torch.set_num_threads). And as with any forkserver, each child imports the
+launching program's main module again (as __mp_main__), so a script that calls run_recipe needs the usual
+`if __name__ == "__main__":` guard.
 
 Where CUDA is visible the steps start as fresh interpreters instead (`fork_server: auto`): the server's imports may
 initialise the CUDA driver (DeepSpeed probes the accelerator at import), and a forked child cannot use a driver
@@ -22,6 +29,8 @@ import runpy
 import signal
 import subprocess
 import sys
+
+from training.config import ConfigError
 
 WARM_IMPORTS = [
     "torch",
@@ -87,9 +96,25 @@ class ForkServer:
     """Starts `[sys.executable, "-m", MODULE, ARGS...]` commands as forks of one warm server process (started at the
     first step)."""
 
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
+        """env: the environment the server starts and imports with (default: ours), e.g. the steps' common one, so
+        that what libraries read at import (thread pools sized by OMP_NUM_THREADS) is what a fresh step reads."""
+        self.env = env
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(WARM_IMPORTS)
+
+    def _ensure_server(self) -> None:
+        from multiprocessing import forkserver
+
+        saved = dict(os.environ)
+        try:
+            if self.env is not None:
+                os.environ.clear()
+                os.environ.update(self.env)
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     @staticmethod
     def can_run(command: list[str]) -> bool:
@@ -101,8 +126,11 @@ class ForkServer:
             and command[2] != "torch.distributed.run"
         )
 
-    def start(self, command: list[str], env: dict, log_path: str | None, cwd: str | None = None) -> ForkedStep:
+    def start(
+        self, command: list[str], env: dict, log_path: str | None, cwd: str | None = None
+    ) -> ForkedStep:
         """Run COMMAND with exactly ENV in CWD (default: ours), stdout and stderr to LOG_PATH (None: ours)."""
+        self._ensure_server()
         process = self.context.Process(
             target=_run_module,
             args=(command[2], list(command[3:]), dict(env), cwd or os.getcwd(), log_path),
@@ -113,9 +141,16 @@ class ForkServer:
 
 
 def fork_server_wanted(setting: bool | str) -> bool:
-    """`fork_server:` of a recipe: true, false, or auto (on unless a CUDA device is visible)."""
-    if setting == "auto":
-        import torch
+    """`fork_server:` of a recipe: auto (on unless a CUDA device is visible), true or false."""
+    if setting is False:
+        return False
+    import torch
 
-        return not torch.cuda.is_available()
-    return bool(setting)
+    if not torch.cuda.is_available():
+        return True
+    if setting is True:
+        raise ConfigError(
+            "fork_server: true, but a CUDA device is visible: a step forked from the server could not use CUDA "
+            "(the server's imports initialise the driver); use fork_server: auto or false"
+        )
+    return False

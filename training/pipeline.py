@@ -19,11 +19,11 @@ Step kinds (`run:`):
 
 `"@NAME"` in a value is the hand-off directory of step NAME (OUTPUT/NAME/final); `{output_dir}` is substituted.
 Each training step runs in its own process (one DeepSpeed engine per stage: ZeRO-3 fixes the trainable set when the
-engine is built, see docs/design.md) with its resolved config written to OUTPUT/NAME/stage.yaml. `fork_server: auto`
-(default; true, false) starts single-process `python -m` steps as forks of a server that imported torch, DeepSpeed and
-transformers once (training/fork_server.py; ~7 s saved per step on CPU), unless a CUDA device is visible. A step whose
-OUTPUT/NAME/DONE exists is skipped, so a re-run resumes the recipe where it stopped (and an interrupted stage resumes
-from its own checkpoints with --resume auto).
+engine is built, see docs/design.md) with its resolved config written to OUTPUT/NAME/stage.yaml.
+`fork_server: auto` (the default; or true, false) starts single-process `python -m` steps as forks of a server that
+imported torch, DeepSpeed and transformers once (training/fork_server.py; 6-11 s saved per step on a 2-core CPU),
+unless a CUDA device is visible. A step whose OUTPUT/NAME/DONE exists is skipped, so a re-run resumes the recipe
+where it stopped (and an interrupted stage resumes from its own checkpoints with --resume auto).
 
 `parallel: N` (default 1) runs up to N independent steps at once, each with OMP_NUM_THREADS = cores / (N x nproc)
 and its output in OUTPUT/NAME/log.txt. A step waits for the steps it names with "@NAME" and in its `after:` list;
@@ -45,12 +45,21 @@ from pathlib import Path
 import yaml
 
 from training.config import ConfigError, load_config
-from training.fork_server import ForkServer, fork_server_wanted
+from training.fork_server import ForkedStep, ForkServer, fork_server_wanted
 from training.run_config import TrainConfig
 from training.run_log import get_logger
 
 STEP_KINDS = ("train", "python", "command")
-RECIPE_KEYS = {"output_dir", "nproc", "parallel", "fork_server", "defaults", "templates", "steps", "description"}
+RECIPE_KEYS = {
+    "output_dir",
+    "nproc",
+    "parallel",
+    "fork_server",
+    "defaults",
+    "templates",
+    "steps",
+    "description",
+}
 STEP_KEYS = {"name", "run", "config", "module", "args", "command", "after", "threads"}
 
 
@@ -243,10 +252,10 @@ def run_recipe(
             _check_stage_config(
                 deep_merge(defaults, step.get("config", {})), output_dir, overrides, step["name"]
             )
-    fork_server = ForkServer() if fork_server_wanted(recipe.get("fork_server", "auto")) else None
+    fork_server = ForkServer(env) if fork_server_wanted(recipe.get("fork_server", "auto")) else None
     selected = {s["name"] for s in steps}
     done: set[str] = set()
-    running: dict[str, tuple[subprocess.Popen, dict, float]] = {}
+    running: dict[str, tuple[subprocess.Popen | ForkedStep, dict, float]] = {}
     started = time.time()
     while len(done) < len(steps):
         progressed = False
