@@ -100,21 +100,25 @@ class ForkServer:
         """env: the environment the server starts and imports with (default: ours), e.g. the steps' common one, so
         that what libraries read at import (thread pools sized by OMP_NUM_THREADS) is what a fresh step reads."""
         self.env = env
+        self.server_started = False
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(WARM_IMPORTS)
 
     def _ensure_server(self) -> None:
+        """Start the server once, in self.env (Process.start would start it in ours)."""
+        if self.server_started or self.env is None:
+            return
         from multiprocessing import forkserver
 
         saved = dict(os.environ)
         try:
-            if self.env is not None:
-                os.environ.clear()
-                os.environ.update(self.env)
+            os.environ.clear()
+            os.environ.update(self.env)
             forkserver.ensure_running()
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        self.server_started = True
 
     @staticmethod
     def can_run(command: list[str]) -> bool:
