@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from modeling.ett import ETTModel
+from modeling.llm.model import TransformerLayer
+from modeling.tokenizer.encoder_decoder import Level, MidBlock
 from training import objectives
 from training.config import ConfigError
 
@@ -188,6 +190,27 @@ def register_zero3_external_parameters(model: ETTModel) -> None:
         register_external_parameter(model.tokenizer.quantizer, model.tokenizer.codebook)
     if hasattr(model, "llm") and model.llm.config.tie_embeddings:
         register_external_parameter(model.llm, model.llm.embedding.word_embeddings.weight)
+
+
+# ZeRO-3's units of gathering: each fetches, releases and prefetches its parameters as one (FSDP's per-layer wrapping).
+ZERO3_BLOCKS = (TransformerLayer, Level, MidBlock)
+
+
+def set_zero3_blocks(model: ETTModel) -> None:
+    """Mark every ZERO3_BLOCKS module a ZeRO-3 leaf (`deepspeed.utils.set_z3_leaf_modules`), before
+    deepspeed.initialize. ZeRO-3 then hooks each block, not every nn.Module inside it: on the tiny benchmark model
+    its per-module Python hooks were over half of a step. A block gathers the same parameters its modules would
+    have gathered one by one, and DeepSpeed reduces the block's gradients once its backward is done. The gradients
+    are then bitwise plain autograd's (tests/test_zero3_init.py); with per-module hooks they were up to 1e-5
+    relative off.
+
+    DeepSpeed runs that reduction in the block's full backward hook, which fires too early (before the block's own
+    weight gradients exist) when no input of the block requires grad. Blocks are therefore never the first module
+    of a component (the tokenizer starts with conv_in, the decoder with its conv_in, the LLM with its embedding) and
+    the projector is not one, and every stage trains whole components (STAGES' `trainable` prefixes)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, list(ZERO3_BLOCKS), raise_if_not_found=False)
 
 
 def load_initial_weights(model: ETTModel, cfg: TrainConfig) -> None:

@@ -174,6 +174,7 @@ class Trainer:
             build_model,
             load_initial_weights,
             register_zero3_external_parameters,
+            set_zero3_blocks,
         )
 
         self.ds_config = ds_config
@@ -182,6 +183,7 @@ class Trainer:
             model = build_model(self.cfg)
         if zero_stage(self.ds_config) == 3:
             register_zero3_external_parameters(model)
+            set_zero3_blocks(model)
         if fresh:
             load_initial_weights(model, self.cfg)
         self.losses, self.discriminator = build_loss_modules(self.cfg, model, _device(self.local_rank))
