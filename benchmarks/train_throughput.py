@@ -58,8 +58,9 @@ On CPU each arm runs with one thread (--threads; OMP_NUM_THREADS and torch.set_n
 on a machine that other jobs share, OpenMP barriers make timings erratic (a small conv was 50x slower). Section
 overrides apply to both arms (same model and batches); `--baseline-zero` changes only the baseline's ZeRO entries,
 e.g. `--baseline-zero reduce_bucket_size=50000000 stage3_prefetch_bucket_size=50000000
-stage3_param_persistence_threshold=0` gives it our trainer's values, which separates what the ZeRO settings buy
-from what the training loop buys (put section overrides before it).
+stage3_param_persistence_threshold=100000` gives it our trainer's values (deepspeed.reduce_bucket_size and
+deepspeed.param_persistence_threshold), which separates what the ZeRO settings buy from what the trainer buys (put
+section overrides before it).
 
 Configurations: `tiny` (CPU, the test suite's tiny model shapes; 30 timed steps take about a minute on 2 cores) and
 `gpu1b` (CUDA only: a ~1.0B-parameter Qwen2.5-1.5B-shaped LLM with 16 layers, and the paper's IBQ tokenizer,
