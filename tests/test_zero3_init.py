@@ -52,15 +52,11 @@ print("RESULT", json.dumps(results))
 """
 
 
-def test_zero3_construction_matches_plain_construction(tmp_path):
-    configs = {
-        f"{kind}:{json.dumps(ett)}": stage_config(
-            kind, tmp_path, tmp_path / "run", model={"ett": ett}, stage={"init_from": str(tmp_path), "train_tokenizer": False}
-        )
-        for kind, ett in VARIANTS
-    }
+def differing(script: str, configs: dict) -> dict:
+    """Run `script` (prints RESULT {name: {"compared": n, "differ": ...}}) on `configs` in a fresh process; return
+    the non-empty "differ" entries by config name."""
     proc = subprocess.run(
-        [sys.executable, "-c", COMPARE, json.dumps(configs)],
+        [sys.executable, "-c", script, json.dumps(configs)],
         cwd=REPO_ROOT,
         env=child_env(),
         capture_output=True,
@@ -72,7 +68,21 @@ def test_zero3_construction_matches_plain_construction(tmp_path):
     results = json.loads(lines[-1].removeprefix("RESULT "))
     assert sorted(results) == sorted(configs)
     assert all(r["compared"] > 0 for r in results.values())
-    differ = {name: r["differ"] for name, r in results.items() if r["differ"]}
+    return {name: r["differ"] for name, r in results.items() if r["differ"]}
+
+
+def test_zero3_construction_matches_plain_construction(tmp_path):
+    configs = {
+        f"{kind}:{json.dumps(ett)}": stage_config(
+            kind,
+            tmp_path,
+            tmp_path / "run",
+            model={"ett": ett},
+            stage={"init_from": str(tmp_path), "train_tokenizer": False},
+        )
+        for kind, ett in VARIANTS
+    }
+    differ = differing(COMPARE, configs)
     assert not differ, f"weights differ under zero.Init: {differ}"
 
 
@@ -128,18 +138,5 @@ def test_zero3_gradients_are_plain_autograd_gradients(tiny_data, tmp_path):
         for kind in ("ett", "llm_pretrain")
         for ckpt in (False, True)
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", GRADIENTS, json.dumps(configs)],
-        cwd=REPO_ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(lines[-1].removeprefix("RESULT "))
-    assert sorted(results) == sorted(configs)
-    assert all(r["compared"] > 0 for r in results.values())
-    differ = {name: r["differ"] for name, r in results.items() if r["differ"]}
+    differ = differing(GRADIENTS, configs)
     assert not differ, f"ZeRO-3 gradients differ from plain autograd (max relative difference): {differ}"
