@@ -199,7 +199,7 @@ ZERO3_BLOCKS = (TransformerLayer, Level, MidBlock)
 def set_zero3_blocks(model: ETTModel) -> None:
     """Mark every ZERO3_BLOCKS module a ZeRO-3 leaf (`deepspeed.utils.set_z3_leaf_modules`), before
     deepspeed.initialize. ZeRO-3 then hooks each block, not every nn.Module inside it: on the tiny benchmark model
-    its per-module Python hooks were over half of a step. A block gathers the same parameters its modules would
+    its per-module Python hooks were about half of a step. A block gathers the same parameters its modules would
     have gathered one by one, and DeepSpeed reduces the block's gradients once its backward is done. The gradients
     are then bitwise plain autograd's (tests/test_zero3_init.py); with per-module hooks they were up to 1e-5
     relative off.
