@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT, child_env
 from tests.tiny_configs import stage_config
 
@@ -140,3 +142,20 @@ def test_zero3_gradients_are_plain_autograd_gradients(tiny_data, tmp_path):
     }
     differ = differing(GRADIENTS, configs)
     assert not differ, f"ZeRO-3 gradients differ from plain autograd (max relative difference): {differ}"
+
+
+def test_zero3_blocks_refuse_a_trained_block_behind_a_frozen_entry(tmp_path):
+    """A trained transformer layer whose stack's first parameter (the word embedding) is frozen gets no input that
+    requires grad, so DeepSpeed's leaf hook reduces and releases it before its backward (tried: the backward then
+    fails inside torch, "The size of tensor a (0) must match ..."). set_zero3_blocks names both and refuses."""
+    from training.config import ConfigError, from_dict
+    from training.run_config import TrainConfig
+    from training.stages import build_model, set_zero3_blocks
+
+    cfg = from_dict(TrainConfig, stage_config("llm_pretrain", tmp_path, tmp_path / "run"))
+    model = build_model(cfg)
+    model.llm.embedding.word_embeddings.weight.requires_grad_(False)
+    with pytest.raises(
+        ConfigError, match=r"llm\.decoder\.layers\.0 trains but llm\.embedding\.word_embeddings\.weight"
+    ):
+        set_zero3_blocks(model)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from modeling.ett import ETTModel
-from modeling.llm.model import TransformerLayer
-from modeling.tokenizer.encoder_decoder import Level, MidBlock
+from modeling.llm.model import DecoderLM, TransformerLayer
+from modeling.tokenizer.encoder_decoder import Decoder, Encoder, Level, MidBlock
 from training import objectives
 from training.config import ConfigError
 
@@ -194,6 +194,8 @@ def register_zero3_external_parameters(model: ETTModel) -> None:
 
 # ZeRO-3's units of gathering: each fetches, releases and prefetches its parameters as one (FSDP's per-layer wrapping).
 ZERO3_BLOCKS = (TransformerLayer, Level, MidBlock)
+# The modules that hold the blocks; each starts with a module that is not a block.
+ZERO3_STACKS = (Encoder, Decoder, DecoderLM)
 
 
 def set_zero3_blocks(model: ETTModel) -> None:
@@ -205,11 +207,27 @@ def set_zero3_blocks(model: ETTModel) -> None:
     relative off.
 
     DeepSpeed runs that reduction in the block's full backward hook, which fires too early (before the block's own
-    weight gradients exist) when no input of the block requires grad. Blocks are therefore never the first module
-    of a component (the tokenizer starts with conv_in, the decoder with its conv_in, the LLM with its embedding) and
-    the projector is not one, and every stage trains whole components (STAGES' `trainable` prefixes)."""
+    weight gradients exist) when no input of the block requires grad. So the projector is not a block, and a block
+    that trains needs the first parameter of its stack (the encoder's or decoder's conv_in, the LLM's embedding) to
+    train too, which holds when a stage trains whole components (STAGES' `trainable` prefixes); else ConfigError."""
     from deepspeed.utils import set_z3_leaf_modules
 
+    modules = dict(model.named_modules())
+    for name, block in modules.items():
+        if not isinstance(block, ZERO3_BLOCKS) or not any(p.requires_grad for p in block.parameters()):
+            continue
+        parts = name.split(".")
+        stack = next(
+            ".".join(parts[:i])
+            for i in range(len(parts) - 1, 0, -1)
+            if isinstance(modules[".".join(parts[:i])], ZERO3_STACKS)
+        )
+        first_name, first = next(modules[stack].named_parameters())
+        if not first.requires_grad:
+            raise ConfigError(
+                f"{name} trains but {stack}.{first_name} is frozen: under ZeRO-3 a block ({name}) needs an input "
+                "that requires grad; train the whole component"
+            )
     set_z3_leaf_modules(model, list(ZERO3_BLOCKS), raise_if_not_found=False)
 
 
