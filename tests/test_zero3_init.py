@@ -115,7 +115,7 @@ for name, config in json.loads(sys.argv[1]).items():
     reference = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     assert sorted(zero) == sorted(reference), name
     differ = {
-        n: float((g - reference[n]).abs().max() / reference[n].abs().max())
+        n: float("inf") if g is None else float((g - reference[n]).abs().max() / reference[n].abs().max())
         for n, g in zero.items()
         if g is None or not torch.equal(g, reference[n])
     }
@@ -127,7 +127,7 @@ print("RESULT", json.dumps(results))
 def test_zero3_gradients_are_plain_autograd_gradients(tiny_data, tmp_path):
     """ETT (tokenizer levels, mid blocks and LLM layers all trained) and LLM pretraining, parameters partitioned
     (persistence threshold 0), 4 micro-batches accumulated, with and without activation checkpointing: every
-    gradient is bitwise the plain model's (per-module hooks gave up to 2.7e-7 relative off)."""
+    gradient is bitwise the plain model's (per-module hooks gave up to 1e-5 relative off)."""
     configs = {
         f"{kind} checkpointing={ckpt}": stage_config(
             kind,

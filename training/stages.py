@@ -212,22 +212,18 @@ def set_zero3_blocks(model: ETTModel) -> None:
     train too, which holds when a stage trains whole components (STAGES' `trainable` prefixes); else ConfigError."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    modules = dict(model.named_modules())
-    for name, block in modules.items():
-        if not isinstance(block, ZERO3_BLOCKS) or not any(p.requires_grad for p in block.parameters()):
+    for stack_name, stack in model.named_modules():
+        if not isinstance(stack, ZERO3_STACKS):
             continue
-        parts = name.split(".")
-        stack = next(
-            ".".join(parts[:i])
-            for i in range(len(parts) - 1, 0, -1)
-            if isinstance(modules[".".join(parts[:i])], ZERO3_STACKS)
-        )
-        first_name, first = next(modules[stack].named_parameters())
-        if not first.requires_grad:
-            raise ConfigError(
-                f"{name} trains but {stack}.{first_name} is frozen: under ZeRO-3 a block ({name}) needs an input "
-                "that requires grad; train the whole component"
-            )
+        first_name, first = next(stack.named_parameters())
+        if first.requires_grad:
+            continue
+        for name, block in stack.named_modules():
+            if isinstance(block, ZERO3_BLOCKS) and any(p.requires_grad for p in block.parameters()):
+                raise ConfigError(
+                    f"{stack_name}.{name} trains but {stack_name}.{first_name} is frozen: under ZeRO-3 a block "
+                    f"({stack_name}.{name}) needs an input that requires grad; train the whole component"
+                )
     set_z3_leaf_modules(model, list(ZERO3_BLOCKS), raise_if_not_found=False)
 
 
